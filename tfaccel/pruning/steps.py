@@ -1,0 +1,188 @@
+"""Pipeline step ``prune-structured``: remove feed-forward units, rebuild a smaller keras-hub model,
+recover accuracy by distillation from the original."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfaccel.artifacts import Artifact
+from tfaccel.errors import StepError
+from tfaccel.pipeline import Step, StepContext
+from tfaccel.validation import Tolerance
+
+#: Sources with built-in fine-tuning data: name -> description. The data is the example's own
+#: training split, disjoint from its held-out eval split.
+DEFAULT_DATA = {"minilm-bbc": "BBC News training split (400 articles, tfaccel.examples.bbc_news.split)"}
+
+
+def _bbc_train_data(seq: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    from tfaccel.examples import bbc_news, builders
+
+    (texts, labels), _ = bbc_news.split()
+    return builders._tokenize(texts, seq=seq), labels
+
+
+def load_finetune_data(data: Any, source) -> tuple[dict[str, np.ndarray], np.ndarray | None, str] | None:
+    """Resolve the step's ``data`` argument to ``(inputs, labels or None, description)``, or None
+    for no fine-tuning."""
+    from tfaccel.sources import check_inputs
+
+    if isinstance(data, str) and data == "none":
+        return None
+    if data is None or (isinstance(data, str) and data == "auto"):
+        if source.name in DEFAULT_DATA:
+            inputs, labels = _bbc_train_data(source.default_seq)
+            return inputs, labels, DEFAULT_DATA[source.name]
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        p = Path(data)
+        if not p.is_file():
+            raise StepError(
+                f"prune-structured: fine-tuning data {str(p)!r} does not exist. Pass an .npz with one array per "
+                "model input (and optionally 'labels'), or data='none' to skip fine-tuning."
+            )
+        with np.load(p, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+        labels = arrays.pop("labels", None)
+        desc = str(p)
+    elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], dict):
+        arrays, labels = dict(data[0]), data[1]
+        desc = "arrays"
+    elif isinstance(data, dict):
+        arrays, labels, desc = dict(data), None, "arrays"
+    else:
+        raise StepError(
+            "prune-structured: data must be 'auto', 'none', an .npz path, a dict of input arrays or an "
+            f"(inputs, labels) tuple. Received: data of type {type(data).__name__}"
+        )
+    inputs = check_inputs(source.input_specs, arrays, "prune-structured fine-tuning data")
+    n = len(next(iter(inputs.values())))
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != n:
+            raise StepError(f"prune-structured: {len(labels)} labels for {n} fine-tuning examples; they must match.")
+    return inputs, labels, f"{desc} ({n} examples{', labelled' if labels is not None else ''})"
+
+
+class StructuredPruneStep(Step):
+    """Keras -> smaller Keras: remove ``fraction`` of every transformer layer's feed-forward units
+    (least important first), rebuild the keras-hub model with the smaller ``intermediate_dim``, and
+    fine-tune it by distillation from the original model.
+
+    Args:
+        fraction: share of feed-forward units removed, in (0, 1).
+        data: fine-tuning data: ``"auto"`` (the source's own training split where it has one: the
+            BBC train split for ``minilm-bbc``; otherwise no fine-tuning), ``"none"``, an ``.npz`` path
+            (one array per model input, optional ``labels``), a dict of input arrays, or an
+            ``(inputs, labels)`` tuple.
+        epochs, batch_size, learning_rate, temperature, student_loss_weight: distillation settings
+            (:func:`tfaccel.pruning.distill`; the rate decays linearly from ``learning_rate`` to 0). On
+            minilm-bbc, 2e-4 with the decay gave 0.94 / 0.96 / 0.94 held-out accuracy over three seeds
+            (reference 0.93); a constant 1e-4 gave 0.885 to 0.96.
+        importance: ``"activation"`` (calibrated on the first ``calibration_samples`` fine-tuning
+            examples) or ``"weight"``; without data, weight importance is used.
+        calibration_samples: examples used for activation importance.
+
+    Example:
+        >>> Pipeline([StructuredPruneStep(fraction=0.5)]).run(load_source("minilm-bbc"), "out")  # doctest: +SKIP
+    """
+
+    name = "prune-structured"
+    consumes = "keras"
+    produces = "keras"
+    # A structurally different model: half the feed-forward units are gone, so hidden states and logits
+    # change everywhere and no element-wise bound holds (max_abs_diff unchecked). Distillation recovers
+    # the task, not the exact logits, so accuracy is the real bound: at most 2 points below the input
+    # model (the issue's target for half the units). The cosine bound is loose on purpose: measured
+    # minimum per-sample cosine 0.94-0.96 on minilm-bbc after distillation, and 0.79 (fraction 0.5) / 0.70
+    # (0.75) on random-weight bert-base without fine-tuning (no data, nothing to recover); residual
+    # connections keep outputs aligned, so only a badly broken rebuild falls below 0.5.
+    default_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.5, max_accuracy_drop=0.02)
+
+    def __init__(self, fraction: float = 0.5, data: Any = "auto", epochs: int = 1, batch_size: int = 16,
+                 learning_rate: float = 2e-4, temperature: float = 2.0, student_loss_weight: float = 0.5,
+                 importance: str = "activation", calibration_samples: int = 64, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be a number in (0, 1). Received: fraction={fraction!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be an int >= 0 (0: no fine-tuning). Received: epochs={epochs!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int. Received: batch_size={batch_size!r}")
+        if not isinstance(learning_rate, (int, float)) or learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"temperature must be > 0. Received: temperature={temperature!r}")
+        if not isinstance(student_loss_weight, (int, float)) or not 0.0 <= student_loss_weight <= 1.0:
+            raise ValueError(f"student_loss_weight must be in [0, 1]. Received: student_loss_weight={student_loss_weight!r}")
+        if importance not in ("activation", "weight"):
+            raise ValueError(f"importance must be 'activation' or 'weight'. Received: importance={importance!r}")
+        if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be a positive int. Received: calibration_samples={calibration_samples!r}")
+        if not (isinstance(data, (str, os.PathLike, dict, tuple)) or data is None):
+            raise ValueError(f"data must be 'auto', 'none', an .npz path, a dict or an (inputs, labels) tuple. Received: {type(data).__name__}")
+        self.fraction = fraction
+        self.data = data
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.temperature = temperature
+        self.student_loss_weight = student_loss_weight
+        self.importance = importance
+        self.calibration_samples = calibration_samples
+
+    def params(self) -> dict[str, Any]:
+        data = self.data if isinstance(self.data, (str, os.PathLike)) or self.data is None else "arrays"
+        return {"fraction": self.fraction, "data": None if data is None else str(data), "epochs": self.epochs,
+                "batch_size": self.batch_size, "learning_rate": self.learning_rate, "temperature": self.temperature,
+                "student_loss_weight": self.student_loss_weight, "importance": self.importance,
+                "calibration_samples": self.calibration_samples}
+
+    def check(self, source) -> None:
+        """Raise StepError if this step cannot prune ``source`` (not a keras-hub transformer)."""
+        from tfaccel.pruning.structured_pruning import feedforward_layers
+
+        if source.kind != "keras" or source.model is None:
+            raise StepError(f"prune-structured needs a Keras model; {source.name} is a {source.kind}.")
+        feedforward_layers(source.model)
+
+    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+        from tfaccel.pruning.distillation import distill
+        from tfaccel.pruning.structured_pruning import feedforward_layers, prune_feedforward
+
+        model = artifact.model
+        ff = feedforward_layers(model)
+        resolved = load_finetune_data(self.data, ctx.source) if self.epochs > 0 or self.importance == "activation" else None
+        method = self.importance if resolved is not None else "weight"
+        if resolved is None and self.importance == "activation":
+            ctx.note("no fine-tuning data: units ranked by weight norms (importance='weight') and not fine-tuned; "
+                     "pass data=... to recover accuracy by distillation")
+        calibration = None
+        if resolved is not None and method == "activation":
+            calibration = {k: v[: self.calibration_samples] for k, v in resolved[0].items()}
+        ctx.log(f"  ranking feed-forward units ({method}) and rebuilding with {1 - self.fraction:.0%} of them")
+        small, kept = prune_feedforward(model, self.fraction, inputs=calibration, method=method)
+        old_dim, new_dim = ff[0][1].units, len(kept[0])
+        n_old, n_new = model.count_params(), small.count_params()
+        ctx.note(f"intermediate_dim {old_dim} -> {new_dim} in {len(ff)} transformer layers; "
+                 f"parameters {n_old:,} -> {n_new:,} ({n_new / n_old:.1%})")
+        if resolved is not None and self.epochs > 0:
+            inputs, labels, desc = resolved
+            ctx.log(f"  distilling from the original model on {desc}, {self.epochs} epoch(s)")
+            t0 = time.perf_counter()
+            history = distill(model, small, inputs, labels, epochs=self.epochs, batch_size=self.batch_size,
+                              learning_rate=self.learning_rate, temperature=self.temperature,
+                              student_loss_weight=self.student_loss_weight)
+            loss = history.get("total_loss", history.get("loss", [float("nan")]))[-1]
+            ctx.note(f"distilled on {desc} for {self.epochs} epoch(s) in {time.perf_counter() - t0:.0f}s "
+                     f"(final loss {loss:.4f})")
+        path = ctx.stage_dir / "model.keras"
+        small.save(str(path))
+        return Artifact(kind="keras", path=str(path), model=small, dict_inputs=artifact.dict_inputs,
+                        input_names=artifact.input_names,
+                        info={"intermediate_dim": new_dim, "kept_units": [k.tolist() for k in kept]})
