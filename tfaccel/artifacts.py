@@ -1,4 +1,5 @@
-"""What a stage produces, and how to run it: Keras models, SavedModels and ONNX files.
+"""What a stage produces, and how to run it: Keras models, SavedModels, ONNX files, TensorRT engines
+and LiteRT (.tflite) models.
 
 Every runner takes a dict of named numpy inputs and returns a dict of named numpy outputs, with the
 same output names as the reference model, so any two stages can be compared.
@@ -13,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("keras", "saved_model", "onnx", "tensorrt")
+KINDS = ("keras", "saved_model", "onnx", "tensorrt", "tflite")
 KIND_NAMES = {"keras": "Keras model", "saved_model": "SavedModel", "onnx": "ONNX model",
-              "tensorrt": "TensorRT engine"}
+              "tensorrt": "TensorRT engine", "tflite": "LiteRT model"}
 
 
 def output_names_of(model) -> list[str] | None:
@@ -84,6 +85,10 @@ class Artifact:
             from tfaccel.tensorrt.engine_runner import TrtEngineRunner
 
             return TrtEngineRunner(self.path)
+        if self.kind == "tflite":
+            from tfaccel.quantization.litert import LiteRTRunner
+
+            return LiteRTRunner(self.path)
         raise ValueError(f"Unknown artifact kind {self.kind!r}; expected one of {KINDS}")
 
 

@@ -1,0 +1,180 @@
+"""Post-training quantization steps on tiny configs: layer selection, int8 kernel forms, artifacts that
+serve without tfaccel (SavedModel) or in the LiteRT interpreter alone (.tflite)."""
+
+import numpy as np
+import pytest
+from conftest import run_python
+
+from tfaccel import Pipeline, StepError
+from tfaccel.artifacts import KerasRunner, SavedModelRunner
+from tfaccel.export import ExportStep
+from tfaccel.quantization import (
+    Int4Step,
+    Int8Step,
+    LiteRTDynamicStep,
+    QuantizationConfig,
+    int8_kernels,
+    quantize_model,
+)
+from tfaccel.quantization.int8_kernels import einsum_as_matmul
+from tfaccel.servable import check_servable
+
+
+def _cosines(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_config_validates_names_the_value_and_round_trips():
+    cfg = QuantizationConfig("int4", layer_types=["Dense"], include=("feedforward",), exclude="pooled", block_size=None)
+    assert cfg.exclude == ("pooled",) and cfg.layer_types == ("Dense",)
+    assert QuantizationConfig.from_config(cfg.get_config()) == cfg
+    with pytest.raises(ValueError, match="mode='int2'"):
+        QuantizationConfig("int2")
+    with pytest.raises(ValueError, match="LayerNormalization"):
+        QuantizationConfig(layer_types=("LayerNormalization",))
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        QuantizationConfig(exclude=("(",))
+    with pytest.raises(ValueError, match="block_size=0"):
+        QuantizationConfig("int4", block_size=0)
+    with pytest.raises(ValueError, match="weight_only applies to mode 'int8'"):
+        QuantizationConfig("int4", weight_only=True)
+    with pytest.raises(ValueError, match="Unknown QuantizationConfig fields"):
+        QuantizationConfig.from_config({"mode": "int8", "bits": 8})
+    step = Int4Step(block_size=None, exclude=("pooled",))  # step options reach the config, None included
+    assert step.config.block_size is None and step.config.exclude == ("pooled",) and step.config.mode == "int4"
+    assert Int8Step(weight_only=True).params()["kernel"] == "keras"
+    with pytest.raises(ValueError, match="bits"):
+        Int8Step(bits=8)
+    with pytest.raises(ValueError, match="kernel='cuda'"):
+        Int8Step(kernel="cuda")
+    with pytest.raises(ValueError, match="jit_compile=True"):
+        Int8Step(kernel="onednn", jit_compile=True)
+
+
+def test_onednn_form_is_refused_clearly_where_tensorflow_lacks_it():
+    import os
+    import subprocess
+    import sys
+
+    code = ("from tfaccel.quantization.int8_step import check_onednn_int8\n"
+            "from tfaccel import StepError\n"
+            "try:\n    check_onednn_int8()\nexcept StepError as e:\n    print('REFUSED', e)\n")
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")  # TensorFlow without its oneDNN kernels
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "REFUSED" in proc.stdout and "kernel='xla'" in proc.stdout, proc.stdout + proc.stderr[-1500:]
+
+
+def test_einsum_equations_that_become_one_matmul():
+    assert einsum_as_matmul("abc,cde->abde", (768, 12, 64)) == (2, 768, (12, 64))  # attention q/k/v
+    assert einsum_as_matmul("abcd,cde->abe", (12, 64, 768)) == (2, 768, (768,))  # attention output
+    assert einsum_as_matmul("abc,cd->abd", (32, 8)) == (2, 32, (8,))
+    assert einsum_as_matmul("abc,dc->abd", (8, 32)) is None  # kernel contracted on its last axis
+    assert einsum_as_matmul("...b,bc->...c", (4, 4)) is None  # ellipsis: left to Keras
+
+
+def test_layer_decisions_follow_types_patterns_and_head(bert_tiny):
+    by_path = {d.path: d for d in QuantizationConfig().decide(bert_tiny.model)}
+    assert not by_path["logits"].quantized and "model output" in by_path["logits"].reason
+    assert by_path["token_embedding"].quantized and by_path["token_embedding"].layer_type == "ReversibleEmbedding"
+    assert by_path["transformer_layer_0/self_attention_layer/query"].quantized
+    assert not by_path["embeddings_layer_norm"].quantized
+    assert "no quantized version" in by_path["embeddings_layer_norm"].reason
+
+    cfg = QuantizationConfig(layer_types=("Dense",), include=("feedforward",), exclude=("layer_1",), keep_head=False)
+    chosen = {d.path for d in cfg.decide(bert_tiny.model) if d.quantized}
+    assert chosen == {"transformer_layer_0/feedforward_intermediate_dense", "transformer_layer_0/feedforward_output_dense"}
+    reasons = {d.path: d.reason for d in cfg.decide(bert_tiny.model)}
+    assert reasons["transformer_layer_1/feedforward_output_dense"] == "excluded by pattern 'layer_1'"
+    assert reasons["logits"] == "matched no include pattern"
+    assert reasons["token_embedding"] == "type ReversibleEmbedding not in layer_types"
+
+    with pytest.raises(StepError, match="No layer was selected"):
+        quantize_model(bert_tiny.model, QuantizationConfig(include=("no-such-layer",)))
+
+
+def test_int8_kernel_forms_compute_keras_int8_math(bert_tiny):
+    import tensorflow as tf
+
+    qmodel, summary = quantize_model(bert_tiny.model, "int8")
+    assert len(summary.quantized) == 15 and summary.weight_bytes_after < summary.weight_bytes_before / 2
+    assert bert_tiny.model.get_layer("logits").quantization_mode is None  # the source model is untouched
+    x = bert_tiny.make_inputs(3, 17, seed=2)  # a sequence length the model was never traced with
+    fp32 = KerasRunner(bert_tiny.model)(x)["logits"]
+    keras_int8 = KerasRunner(qmodel)(x)["logits"]
+    for kernel, jit in (("xla", True), ("onednn", False)):
+        with int8_kernels(qmodel, kernel) as rewritten:
+            # 12 Dense/EinsumDense, the pooler, and the token embedding's reverse (LM-head) product
+            assert len(rewritten) == 14 and "token_embedding" in rewritten
+            runner = KerasRunner(qmodel)
+            if jit:
+                runner._fn = tf.function(runner._fn.python_function, input_signature=runner._fn.input_signature,
+                                         jit_compile=True)
+            got = runner(x)["logits"]
+            ops = {op.type for op in runner._fn.get_concrete_function().graph.get_operations()}
+        # The traced graph really holds the chosen form: oneDNN's int8 op, or only 2-D int8 matmuls (no einsum).
+        assert ("QuantizedMatMulWithBiasAndDequantize" in ops) == (kernel == "onednn")
+        assert "Einsum" not in ops
+        # Same quantized math as Keras' own int8 calls: only float summation order differs.
+        np.testing.assert_allclose(got, keras_int8, atol=1e-4 * np.abs(keras_int8).max() + 1e-6)
+        assert _cosines(got, fp32).min() > 0.99
+    assert "_int8_call" not in vars(qmodel.backbone.get_layer("pooled_dense"))  # the rewrite ends with the context
+
+
+@pytest.fixture(scope="module")
+def quantized_run(bert_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quant") / "out"
+    steps = [Int8Step(), Int8Step(kernel="onednn"), Int4Step(), ExportStep(), LiteRTDynamicStep()]
+    report = Pipeline(steps, shapes=[(1, 32)], measure=False, log=print).run(bert_tiny, out)
+    return out, report
+
+
+def test_int8_and_int4_savedmodels_serve_without_tfaccel(bert_tiny, quantized_run):
+    out, report = quantized_run
+    x = {k: v[:4] for k, v in bert_tiny.sample_inputs.items()}
+    want = KerasRunner(bert_tiny.model)(x)["logits"]
+    for index, step, min_cos in ((1, "int8", 0.99), (2, "int8", 0.99), (3, "int4", 0.95)):
+        stage = report.stages[index]
+        assert stage.step == step and stage.status == "ok"
+        assert "token_embedding" in stage.params["quantized_layers"]
+        assert "logits" in stage.params["left_in_float"]
+        path = out / stage.path
+        served = check_servable(path, inputs=x)["outputs"]["logits"]
+        np.testing.assert_allclose(served, SavedModelRunner(str(path))(x)["logits"], atol=1e-5)
+        assert _cosines(served, want).min() > min_cos, (step, stage.params["kernel"])
+    assert report.stages[1].params["kernel"] == "xla" and report.stages[1].params["jit_compile"]
+    assert report.stages[2].params["kernel"] == "onednn" and not report.stages[2].params["jit_compile"]
+    assert report.stages[3].params["jit_compile"]  # int4: XLA-compiled serving function
+
+
+def test_litert_model_runs_in_the_interpreter_alone(bert_tiny, quantized_run, tmp_path):
+    out, report = quantized_run
+    stage = report.stage("litert-dynamic")
+    assert stage.kind == "tflite" and stage.comparison["min_cosine"] > 0.98
+    tflite = next((out / stage.path).glob("*.tflite"))
+    x = bert_tiny.make_inputs(2, 24, seed=3)
+    np.savez(tmp_path / "x.npz", **x)
+    code = (
+        "import sys, numpy as np\n"
+        "from ai_edge_litert.interpreter import Interpreter\n"
+        "it = Interpreter(model_path=sys.argv[1])\n"
+        "run = it.get_signature_runner('serving_default')\n"
+        "x = dict(np.load(sys.argv[2]))\n"
+        "np.save(sys.argv[3], run(**x)['logits'])\n"
+        "assert 'tensorflow' not in sys.modules and 'tfaccel' not in sys.modules\n"
+    )
+    proc = run_python(code, str(tflite), str(tmp_path / "x.npz"), str(tmp_path / "y.npy"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "y.npy")
+    want = KerasRunner(bert_tiny.model)(x)["logits"]
+    assert _cosines(got, want).min() > 0.98
+
+
+def test_litert_conversion_failure_names_the_problem(quantized_run, tmp_path):
+    from tfaccel.quantization import convert_dynamic_range
+
+    out, report = quantized_run
+    # The oneDNN int8 SavedModel holds an op LiteRT has no kernel for.
+    with pytest.raises(StepError, match="type qint8.*already quantized.*before 'int8'"):
+        convert_dynamic_range(out / report.stages[2].path, tmp_path / "m.tflite")
+    assert not (tmp_path / "m.tflite").exists()
