@@ -5,6 +5,7 @@
     tfaccel optimize MODEL --steps export,onnx --out DIR [--shape 1x128 ...]
     tfaccel bench MODEL_OR_ARTIFACT [--shape 1x128 ...]
     tfaccel serve-check SAVED_MODEL_DIR
+    tfaccel train-workers N [--max-restarts K] -- python train.py ...
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def cmd_steps(args) -> int:
 
     print("steps:")
     for name, desc in available_steps().items():
-        print(f"  {name:12s} {desc}")
+        print(f"  {name:16s} {desc}")
     print("built-in examples (MODEL):")
     for name, desc in list_examples().items():
-        print(f"  {name:12s} {desc}")
+        print(f"  {name:16s} {desc}")
     return 0
 
 
@@ -192,11 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(b)
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=cmd_bench)
+
+    # Parsed by tfaccel.distribute.launcher (everything after "--" is the worker command); listed here for --help.
+    sub.add_parser("train-workers", add_help=False,
+                   help="run N local MultiWorkerMirroredStrategy workers (TF_CONFIG on loopback ports), "
+                        "restarting any that die: tfaccel train-workers 2 -- python train.py")
     return p
 
 
 def main(argv=None) -> int:
     _quiet_tf()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-workers"]:
+        from tfaccel.distribute.launcher import main as train_workers
+
+        return train_workers(argv[1:])
     args = build_parser().parse_args(argv)
     from tfaccel.errors import TfaccelError
 

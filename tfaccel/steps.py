@@ -12,6 +12,8 @@ def _table() -> dict[str, tuple[type, str]]:
     from tfaccel.export import ExportStep
     from tfaccel.onnx import OnnxStep, OrtInt8Step
     from tfaccel.precision import MixedPrecisionStep
+    from tfaccel.pruning.steps import StructuredPruneStep
+    from tfaccel.quantization import Int4Step, Int8Step, LiteRTDynamicStep
     from tfaccel.tensorrt import TensorRTStep, TftrtStep
     from tfaccel.xla import GenerateStep, XlaStep
 
@@ -21,12 +23,18 @@ def _table() -> dict[str, tuple[type, str]]:
                           "Keras float32 -> float16 compute (softmax, layer norm, head in float32)"),
         "mixed_bfloat16": (functools.partial(MixedPrecisionStep, policy="mixed_bfloat16"),
                            "Keras float32 -> bfloat16 compute (softmax, layer norm, head in float32)"),
+        "prune-structured": (StructuredPruneStep, "Keras -> smaller Keras: remove feed-forward units by importance, "
+                             "rebuild the keras-hub model, distill from the original"),
+        "int8": (Int8Step, "Keras -> int8 SavedModel (Keras quantize; int8 products in an XLA-compiled serving function)"),
+        "int4": (Int4Step, "Keras -> int4 weight-only SavedModel (Keras quantize; smallest, not faster)"),
         "xla": (XlaStep, "Keras model -> SavedModel with an XLA-compiled serving_default (sequence buckets)"),
         "generate": (GenerateStep, "GPT-2 -> SavedModel with generate/generate_greedy: decode loop + KV cache in XLA"),
         "onnx": (OnnxStep, "SavedModel -> ONNX with tf2onnx, checked in onnxruntime (side artifact)"),
         "tftrt": (TftrtStep, "SavedModel -> TF-TRT SavedModel, fp32/fp16/int8 (TensorFlow built with TensorRT + NVIDIA GPU)"),
         "tensorrt": (TensorRTStep, "ONNX -> TensorRT engine, fp32/fp16/int8 (`trt` extra + NVIDIA GPU; side artifact)"),
         "ort-int8": (OrtInt8Step, "ONNX -> onnxruntime dynamic int8 ONNX (side artifact)"),
+        "litert-dynamic": (LiteRTDynamicStep, "SavedModel -> dynamic-range int8 LiteRT model, checked in ai-edge-litert "
+                           "(side artifact)"),
     }
 
 
