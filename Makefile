@@ -33,8 +33,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not large"
 
+# Serving rows (run.py), then pruning and distributed-training rows (training.py); both run even if one fails.
 bench: $(STAMP)
-	$(PY) benchmarks/run.py --out bench-out
+	$(PY) benchmarks/run.py --out bench-out; status=$$?; \
+	$(PY) benchmarks/training.py --out bench-out && exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tfaccel tests benchmarks

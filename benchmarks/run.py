@@ -5,8 +5,9 @@
 
 Writes OUT/results.json and OUT/results.md. The machine is noisy, so rows are compared as ratios
 measured in the same run: the rows of one shape are timed interleaved (blocks of calls, row order
-rotating each round), so a burst of background load hits every row alike. Artifacts are built in a
-temporary folder under OUT and removed at the end. Rows and workloads are defined in workloads.py.
+rotating each round), so a burst of background load hits every row alike. Each workload runs in its
+own child process (memory and global state do not carry over). Artifacts are built in a temporary
+folder under OUT and removed at the end. Rows and workloads are defined in workloads.py.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ import numpy as np  # noqa: E402
 import workloads as wl  # noqa: E402
 
 _T0 = time.perf_counter()
+# Wall-clock start of the whole run (workers inherit it), so progress lines count from one origin.
+_START_WALL = float(os.environ.get("TFACCEL_BENCH_T0") or time.time())
 
 
 def log(msg: str) -> None:
-    elapsed = time.perf_counter() - _T0
+    elapsed = time.time() - _START_WALL
     print(f"[{time.strftime('%H:%M:%S')} +{elapsed:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
@@ -166,15 +169,20 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
 
     ctx = wl.BuildContext(source=source, work_dir=work_dir, log=log, shapes=w.shapes, step_options=w.step_options)
     built: dict[str, wl.Built] = {}
-    for spec in w.rows:  # 1. build every artifact on disk
-        row: dict[str, Any] = {
+    rows = {}
+    for spec in w.rows:
+        rows[spec.name] = {
             "name": spec.name, "group": spec.group, "runtime": spec.runtime, "steps": list(spec.steps),
             "precision": spec.precision,
             "status": "ok", "error": None, "kind": None, "size_bytes": None, "build_seconds": None,
             "max_abs_diff": None, "mean_abs_diff": None, "cosine": None, "accuracy": None, "notes": [],
             "measurements": [],
         }
-        result["rows"].append(row)
+        result["rows"].append(rows[spec.name])
+    # 1. Build every artifact on disk. Rows for other runtimes first: their conversions run in child
+    # processes (tf2onnx peaks at 12-17 GB), best started while this process is still small.
+    for spec in sorted(w.rows, key=lambda s: s.group != "peer"):
+        row = rows[spec.name]
         log(f"-- {w.name} / {spec.name}: building")
         try:
             b = built[spec.name] = spec.build(ctx)
@@ -444,6 +452,10 @@ def main(argv=None) -> int:
                    help="stop timing a row at a shape once its timed calls add up to this (default 60)")
     p.add_argument("--quick", action="store_true", help="tiny models (bert-tiny, gpt2-tiny), few runs: for tests")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
+    # Internal: run one workload in this (child) process and write its result as JSON.
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.runs = args.runs if args.runs is not None else (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -451,6 +463,8 @@ def main(argv=None) -> int:
         p.error("--runs must be at least 1")
 
     table = wl.workloads(quick=args.quick)
+    if args.worker:
+        return _worker(table[args.worker], args)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()] if args.workloads else list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -462,7 +476,7 @@ def main(argv=None) -> int:
 
     caps = capabilities()
     log(f"tfaccel benchmarks: {', '.join(names)}{' (quick)' if args.quick else ''}; TF {caps.tensorflow}, "
-        f"Keras {caps.keras}, {caps.cpu} ({caps.cpu_count} cores)")
+        f"Keras {caps.keras}, {caps.cpu} ({caps.cpu_count} cores); one child process per workload")
     results: dict[str, Any] = {
         "tfaccel_benchmark": 1, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "quick": args.quick, "runs": args.runs, "warmup": args.warmup, "max_seconds": args.max_seconds,
@@ -473,24 +487,13 @@ def main(argv=None) -> int:
     failed = []
     try:
         for name in names:
-            wdir = tmp / name
-            wdir.mkdir()
-            try:
-                res = run_workload(table[name], wdir, args)
-            except Exception as exc:
-                log(f"== {name} FAILED: {_error_text(exc)}")
-                if args.verbose:
-                    traceback.print_exc()
-                res = {"name": name, "source": table[name].source, "status": "failed", "error": _error_text(exc),
-                       "description": "", "note": table[name].note, "rows": [], "generation": None,
-                       "reference_accuracy": None, "sample_inputs": {}, "shapes": []}
-                failed.append(name)
+            res = _run_worker(name, table[name], tmp, args)
             results["workloads"][name] = res
+            if res.get("status") == "failed":
+                failed.append(name)
             failed += [f"{name}/{r['name']}" for r in res["rows"] if r["status"] == "failed"]
             failed += [f"{name}/{r['name']}" for r in (res.get("generation") or {}).get("rows", [])
                        if r["status"] == "failed"]
-            shutil.rmtree(wdir, ignore_errors=True)
-            _clear_keras()
             results["total_seconds"] = time.perf_counter() - _T0
             _write(out, results)  # after every workload, so a long run leaves partial results
     finally:
@@ -499,20 +502,52 @@ def main(argv=None) -> int:
     _write(out, results)
     log(f"wrote {out / 'results.md'} and {out / 'results.json'} ({results['total_seconds'] / 60:.1f} min)")
     if failed:
-        log(f"FAILED rows: {', '.join(failed)}")
+        log(f"FAILED: {', '.join(failed)}")
         return 1
+    return 0
+
+
+def _run_worker(name: str, w: wl.Workload, tmp: Path, args) -> dict[str, Any]:
+    """Run one workload in a fresh child process: memory held by one model (TensorFlow rarely returns
+    it to the OS) is gone before the next, and no global state (dtype policies...) carries over."""
+    import subprocess
+
+    wdir, result_file = tmp / name, tmp / f"{name}.json"
+    wdir.mkdir()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--worker", name,
+           "--worker-dir", str(wdir), "--worker-result", str(result_file), "--runs", str(args.runs),
+           "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)]
+    cmd += ["--quick"] * args.quick + ["--verbose"] * args.verbose
+    env = dict(os.environ, TFACCEL_BENCH_T0=str(_START_WALL))
+    proc = subprocess.run(cmd, env=env)
+    shutil.rmtree(wdir, ignore_errors=True)
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    why = f"the workload's process exited with code {proc.returncode}"
+    if proc.returncode in (-9, 137):
+        why += " (SIGKILL: most likely the out-of-memory killer)"
+    log(f"== {name} FAILED: {why}")
+    return {"name": name, "source": w.source, "status": "failed", "error": why, "description": "", "note": w.note,
+            "rows": [], "generation": None, "reference_accuracy": None, "sample_inputs": {}, "shapes": []}
+
+
+def _worker(w: wl.Workload, args) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        res = run_workload(w, Path(args.worker_dir), args)
+    except Exception as exc:
+        log(f"== {w.name} FAILED: {_error_text(exc)}")
+        if args.verbose:
+            traceback.print_exc()
+        res = {"name": w.name, "source": w.source, "status": "failed", "error": _error_text(exc),
+               "description": "", "note": w.note, "rows": [], "generation": None, "reference_accuracy": None,
+               "sample_inputs": {}, "shapes": []}
+    Path(args.worker_result).write_text(json.dumps(res, default=_json_default))
     return 0
 
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
-
-
-def _clear_keras() -> None:
-    import keras
-
-    keras.backend.clear_session()
-    gc.collect()
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:

@@ -35,6 +35,10 @@ import numpy as np
 # Options per step name, used whenever a row runs that step (a workload can override them).
 STEP_OPTIONS: dict[str, dict[str, Any]] = {"onnx": {"opset": 17}}
 
+# Chains beyond one row per step, where they say something: structured pruning composes with the xla and
+# int8 steps (issue: "it combines with the xla and int8 steps").
+COMBINATIONS: tuple[tuple[str, ...], ...] = (("prune-structured", "xla"), ("prune-structured", "int8"))
+
 # Readable names for chains of steps; any other chain is called "tfaccel <step> + <step>".
 ROW_LABELS: dict[tuple[str, ...], str] = {
     ("export",): "tfaccel export",
@@ -45,7 +49,8 @@ ROW_LABELS: dict[tuple[str, ...], str] = {
 # The steps that make each artifact kind from a Keras model: a step consuming that kind runs after them.
 PREREQUISITES: dict[str, tuple[str, ...]] = {"keras": (), "saved_model": ("export",), "onnx": ("export", "onnx")}
 
-RUNTIMES = {"keras": "keras", "saved_model": "tensorflow", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
+RUNTIMES = {"keras": "keras", "saved_model": "tensorflow", "onnx": "onnxruntime", "tensorrt": "tensorrt",
+            "tflite": "litert"}
 
 # Steps whose math is not float32, by name; other steps are judged by their name, policy and tolerance.
 REDUCED_PRECISION = {"ort-int8": "int8", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -451,6 +456,7 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
         }
     return {
         "bert-base": Workload("bert-base", "bert-base", [(1, 128), (32, 128)],
+                              rows=default_rows(COMBINATIONS),
                               note="BERT-base architecture (12 layers, hidden 768), random weights"),
         "minilm-bbc": Workload("minilm-bbc", "minilm-bbc", [(1, 128)], accuracy=True,
                                note="all-MiniLM-L6-v2 fine-tuned on BBC News; accuracy on 200 held-out articles"),

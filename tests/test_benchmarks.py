@@ -13,10 +13,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "run.py"
-WORKLOADS = ("bert-base", "minilm-bbc", "gpt2-small")
+# In quick mode bert-base and minilm-bbc both stand in as bert-tiny; minilm-bbc adds accuracy, so the
+# test runs it and gpt2-small (generation) only, to keep CI time down.
+WORKLOADS = ("minilm-bbc", "gpt2-small")
 REQUIRED_ROWS = ("model.export", "tfaccel export", "onnxruntime fp32", "onnxruntime dynamic int8")
 
-# About 1.5 minutes on a quiet 2-core machine (three tf2onnx conversions in child processes, XLA compiles).
+# A few minutes on a quiet 2-core machine (tf2onnx conversions in child processes, XLA compiles, a distillation).
 pytestmark = pytest.mark.large
 
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.large
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out), "--workloads", ",".join(WORKLOADS)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"benchmarks/run.py failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     results = json.loads((out / "results.json").read_text())
