@@ -170,7 +170,14 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
     ctx = wl.BuildContext(source=source, work_dir=work_dir, log=log, shapes=w.shapes, step_options=w.step_options)
     built: dict[str, wl.Built] = {}
     rows = {}
-    for spec in w.rows:
+    specs = w.rows
+    if args.rows:  # a subset, always with the baseline every ratio is relative to
+        wanted = {n.strip() for n in args.rows.split(",") if n.strip()}
+        specs = [r for r in w.rows if r.name in wanted or r.group == "baseline"]
+        missing = wanted - {r.name for r in w.rows}
+        if missing:
+            log(f"  --rows: {w.name} has no rows {sorted(missing)}; its rows: {', '.join(r.name for r in w.rows)}")
+    for spec in specs:
         rows[spec.name] = {
             "name": spec.name, "group": spec.group, "runtime": spec.runtime, "steps": list(spec.steps),
             "precision": spec.precision,
@@ -181,7 +188,8 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
         result["rows"].append(rows[spec.name])
     # 1. Build every artifact on disk. Rows for other runtimes first: their conversions run in child
     # processes (tf2onnx peaks at 12-17 GB), best started while this process is still small.
-    for spec in sorted(w.rows, key=lambda s: s.group != "peer"):
+    ordered = sorted(specs, key=lambda s: s.group != "peer")
+    for spec in ordered:
         row = rows[spec.name]
         log(f"-- {w.name} / {spec.name}: building")
         try:
@@ -197,7 +205,9 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
             log(f"   FAILED: {row['error']}")
             if args.verbose:
                 traceback.print_exc()
-        ctx.drop_keras_artifacts()  # Keras copies made by model-rewriting steps (cheap to remake)
+        # Keras copies made by model-rewriting steps, unless a later row builds on them (prune-structured + xla)
+        later = ordered[ordered.index(spec) + 1:]
+        ctx.drop_keras_artifacts(keep=[s.steps for s in later])
         gc.collect()
 
     runners: dict[str, Any] = {}
@@ -446,6 +456,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for results.json and results.md (created)")
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset of: bert-base, minilm-bbc, gpt2-small (default: all)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated row names to run (model.export is always included; default: all)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per row and shape (default 20; quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per row and shape before timing (default 2)")
     p.add_argument("--max-seconds", type=float, default=60.0,
@@ -517,7 +529,7 @@ def _run_worker(name: str, w: wl.Workload, tmp: Path, args) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--worker", name,
            "--worker-dir", str(wdir), "--worker-result", str(result_file), "--runs", str(args.runs),
            "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)]
-    cmd += ["--quick"] * args.quick + ["--verbose"] * args.verbose
+    cmd += ["--quick"] * args.quick + ["--verbose"] * args.verbose + (["--rows", args.rows] if args.rows else [])
     env = dict(os.environ, TFACCEL_BENCH_T0=str(_START_WALL))
     proc = subprocess.run(cmd, env=env)
     shutil.rmtree(wdir, ignore_errors=True)

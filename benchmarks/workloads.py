@@ -25,6 +25,7 @@ own ``generate`` and, for steps that export a ``generate_greedy`` signature, tha
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -110,10 +111,12 @@ class BuildContext:
     def make_step(self, name: str):
         return make_step(name, self.step_options)
 
-    def drop_keras_artifacts(self) -> None:
-        """Forget in-memory Keras models made by steps (runners keep what they loaded)."""
+    def drop_keras_artifacts(self, keep: Sequence[Sequence[str]] = ()) -> None:
+        """Forget in-memory Keras models made by steps (runners keep what they loaded), except those
+        of chains that a later row starts with (``keep``: the later rows' step chains)."""
+        needed = {tuple(c[:i]) for c in keep for i in range(1, len(c) + 1)}
         for key, value in list(self.cache.items()):
-            if isinstance(value, tuple) and getattr(value[0], "kind", None) == "keras":
+            if isinstance(value, tuple) and getattr(value[0], "kind", None) == "keras" and key[1] not in needed:
                 del self.cache[key]
 
 
@@ -260,6 +263,8 @@ def _apply_step(chain: tuple[str, ...], key, ctx: BuildContext):
     previous, _ = build_chain(chain[:-1], ctx)
     step = ctx.make_step(chain[-1])
     stage_dir = ctx.work_dir / ("steps-" + "+".join(chain))
+    if stage_dir.exists():  # a Keras artifact dropped from memory and now made again
+        shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
     notes: list[str] = []
     sctx = StepContext(source=ctx.source, stage_dir=stage_dir, log=ctx.log, notes=notes)
@@ -448,6 +453,7 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
             "bert-base": Workload("bert-base", "bert-tiny", [(1, 32), (8, 32)],
                                   note="quick mode: bert-tiny stands in for bert-base"),
             "minilm-bbc": Workload("minilm-bbc", "bert-tiny", [(1, 32)], accuracy=True, synthetic_eval=48,
+                                   rows=default_rows(COMBINATIONS),
                                    note="quick mode: bert-tiny stands in for minilm-bbc; its eval labels are "
                                         "the Keras model's own predictions on synthetic inputs"),
             "gpt2-small": Workload("gpt2-small", "gpt2-tiny", [(1, 32)], generation=GenerationSpec(8, 8),
