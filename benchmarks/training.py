@@ -7,7 +7,7 @@ can only be set before it initialises, and no model memory carries over).
 * ``pruning-unstructured``: minilm-bbc fine-tuned one more epoch while a PolynomialDecay schedule takes
   every Dense/EinsumDense kernel to 50% sparsity, next to the same fine-tuning without pruning
   (target: at most 1 accuracy point lost on the 200 held-out articles).
-* ``pruning-structured``: minilm-bbc with half its feed-forward units removed and distilled for one epoch
+* ``pruning-structured``: minilm-bbc with half its feed-forward units removed and distilled for two epochs
   (target: at most 2 points lost).
 * ``pruning-structured-speed``: bert-base (batch 1 x 128) with half its feed-forward units removed,
   both SavedModels timed alternately in one process (target: at least 1.3x faster).

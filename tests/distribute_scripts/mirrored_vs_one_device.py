@@ -19,7 +19,13 @@ import numpy as np
 import tensorflow as tf
 
 import tfaccel.distribute as td
-from tfaccel.pruning import PolynomialDecay, UpdatePruningStep, kernel_sparsity, prune_low_magnitude, pruning_state
+from tfaccel.pruning import (
+    PolynomialDecay,
+    UpdatePruningStep,
+    kernel_sparsity,
+    prune_low_magnitude,
+    pruning_state,
+)
 
 PER_REPLICA, REPLICAS, EPOCHS = 4, 2, 2
 GLOBAL = PER_REPLICA * REPLICAS

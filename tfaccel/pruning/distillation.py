@@ -14,7 +14,7 @@ def distill(
     inputs: dict[str, np.ndarray],
     labels: np.ndarray | None = None,
     *,
-    epochs: int = 1,
+    epochs: int = 2,
     batch_size: int = 16,
     learning_rate: float = 2e-4,
     temperature: float = 2.0,
@@ -94,4 +94,4 @@ def distill(
 
 def distillation_defaults() -> dict[str, Any]:
     """The default fine-tuning settings of :func:`distill` (what the pipeline step records)."""
-    return {"epochs": 1, "batch_size": 16, "learning_rate": 2e-4, "temperature": 2.0, "student_loss_weight": 0.5}
+    return {"epochs": 2, "batch_size": 16, "learning_rate": 2e-4, "temperature": 2.0, "student_loss_weight": 0.5}
