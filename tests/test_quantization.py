@@ -18,11 +18,7 @@ from tfaccel.quantization import (
 )
 from tfaccel.quantization.int8_kernels import einsum_as_matmul
 from tfaccel.servable import check_servable
-
-
-def _cosines(a, b):
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+from tfaccel.validation import _cosines
 
 
 def test_config_validates_names_the_value_and_round_trips():
@@ -53,15 +49,12 @@ def test_config_validates_names_the_value_and_round_trips():
 
 
 def test_onednn_form_is_refused_clearly_where_tensorflow_lacks_it():
-    import os
-    import subprocess
-    import sys
-
-    code = ("from tfaccel.quantization.int8_step import check_onednn_int8\n"
+    code = ("import os\n"
+            "os.environ['TF_ENABLE_ONEDNN_OPTS'] = '0'\n"  # TensorFlow without its oneDNN kernels
+            "from tfaccel.quantization.int8_step import check_onednn_int8\n"
             "from tfaccel import StepError\n"
             "try:\n    check_onednn_int8()\nexcept StepError as e:\n    print('REFUSED', e)\n")
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")  # TensorFlow without its oneDNN kernels
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = run_python(code, timeout=300)
     assert "REFUSED" in proc.stdout and "kernel='xla'" in proc.stdout, proc.stdout + proc.stderr[-1500:]
 
 

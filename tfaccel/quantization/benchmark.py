@@ -208,14 +208,14 @@ def main(argv=None) -> int:
     from tfaccel.measure import parse_shape
 
     shapes = [parse_shape(s) for s in (args.shape or ["1x128"])]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in DEFAULT_ROWS]
+    if unknown:  # before any model is loaded
+        p.error(f"unknown rows {unknown}; rows are: {', '.join(DEFAULT_ROWS)}")
     results = []
     for name in args.sources:
         src = tfaccel.load_source(name, progress=print)
         with tempfile.TemporaryDirectory(prefix="qbench-") as tmp:
-            rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-            unknown = [r for r in rows if r not in DEFAULT_ROWS]
-            if unknown:
-                p.error(f"unknown rows {unknown}; rows are: {', '.join(DEFAULT_ROWS)}")
             results.append(quantization_rows(src, tmp, shapes=shapes, runs=args.runs, rows=rows))
         Path(args.out).write_text(json.dumps(results, indent=2))
     md = to_markdown(results)

@@ -157,8 +157,8 @@ def _column_sums(kernel_q, k: int, n: int):
     return tf.constant(arr)
 
 
-def _plan_for(layer, kernel: str) -> tuple[Any, Any] | None:
-    """(plan, replacement _int8_call) for a layer Keras quantized to int8 with activations, or None."""
+def _plan_for(layer, kernel: str) -> Any | None:
+    """The replacement ``_int8_call`` for a layer Keras quantized to int8 with activations, or None."""
     import keras
     import tensorflow as tf
 
@@ -195,7 +195,7 @@ def _plan_for(layer, kernel: str) -> tuple[Any, Any] | None:
                 logits = tf.tanh(logits / cap) * cap
             return logits
 
-        return plan, call
+        return call
 
     if type(layer) is keras.layers.Dense:
         k, n = (int(d) for d in layer._kernel.shape)
@@ -230,7 +230,7 @@ def _plan_for(layer, kernel: str) -> tuple[Any, Any] | None:
             y = layer.activation(y)
         return y
 
-    return plan, call
+    return call
 
 
 @contextlib.contextmanager
@@ -259,10 +259,9 @@ def int8_kernels(model, kernel: str = "xla") -> Iterator[list[str]]:
     try:
         if kernel != "keras":
             for layer in leaf_layers(model):
-                found = _plan_for(layer, kernel)
-                if found is None:
+                call = _plan_for(layer, kernel)
+                if call is None:
                     continue
-                _, call = found
                 layer._int8_call = call  # instance attribute: Layer.quantized_call dispatches to it
                 patched.append(layer)
         yield [layer.path for layer in patched]

@@ -18,6 +18,7 @@ benchmarks/RESULTS.md (rows ``tfaccel int8`` / ``tfaccel int4`` beside ``model.e
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tfaccel.artifacts import Artifact
@@ -123,15 +124,10 @@ class _KerasQuantizeStep(Step):
         if self.jit_compile:
             ctx.note("the serving function is XLA-compiled: the first call at each new (batch, sequence) shape "
                      "compiles (seconds for BERT-base)")
-        (ctx.stage_dir / "quantization.json").write_text(_json(summary.to_dict()))
+        info = summary.to_dict()
+        (ctx.stage_dir / "quantization.json").write_text(json.dumps(info, indent=2))
         return Artifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names,
-                        info={"quantization": summary.to_dict()})
-
-
-def _json(d) -> str:
-    import json
-
-    return json.dumps(d, indent=2)
+                        info={"quantization": info})
 
 
 class Int8Step(_KerasQuantizeStep):

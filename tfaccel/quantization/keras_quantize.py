@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 
 from tfaccel.errors import StepError
-from tfaccel.quantization.quantization_config import QuantizationConfig
+from tfaccel.quantization.quantization_config import QuantizationConfig, leaf_layers
 from tfaccel.quantization.quantization_report import QuantizationSummary, weight_bytes
 
 
@@ -53,21 +53,15 @@ def quantize_model(model, config: QuantizationConfig | str = "int8", *, copy: bo
         # type_check=False lets Keras quantize thin subclasses (keras-hub's ReversibleEmbedding);
         # the filter keeps every other layer out.
         model.quantize(config.mode, config=config.keras_config(), filters=selected, type_check=False)
-    missed = [d.path for d in decisions if d.quantized and not _is_quantized(model, d.path)]
+    modes: dict[str, str | None] = {}
+    for layer in leaf_layers(model):
+        modes.setdefault(layer.path or layer.name, getattr(layer, "quantization_mode", None))
+    missed = [d.path for d in decisions if d.quantized and modes.get(d.path) is None]
     if missed:
         raise StepError(f"Keras did not quantize these selected layers: {missed}. Exclude them (exclude=...).")
     summary = QuantizationSummary(mode=config.mode, decisions=decisions, weight_bytes_before=before,
                                   weight_bytes_after=weight_bytes(model))
     return model, summary
-
-
-def _is_quantized(model, path: str) -> bool:
-    from tfaccel.quantization.quantization_config import leaf_layers
-
-    for layer in leaf_layers(model):
-        if (layer.path or layer.name) == path:
-            return getattr(layer, "quantization_mode", None) is not None
-    return False
 
 
 def clone_model(model):

@@ -9,6 +9,7 @@ with weights gets a decision and a reason, which the pipeline report lists.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -158,7 +159,7 @@ class QuantizationConfig:
             path = layer.path or layer.name
             ltype = quantizable_type(layer)
             shown_type = ltype or type(layer).__name__
-            n = int(sum(int(_numel(w.shape)) for w in layer.weights))
+            n = sum(math.prod(int(d) for d in w.shape) for w in layer.weights)
 
             def decision(ok: bool, reason: str, path=path, shown_type=shown_type, n=n) -> LayerDecision:
                 return LayerDecision(path=path, layer_type=shown_type, params=n, quantized=ok, reason=reason)
@@ -181,13 +182,6 @@ class QuantizationConfig:
             else:
                 out.append(decision(True, f"{self.mode}" + (" weight-only" if self.weight_only else "")))
         return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _first_match(patterns: tuple[str, ...], path: str) -> str | None:

@@ -13,15 +13,9 @@ from tfaccel.quantization.quantization_config import LayerDecision
 
 def weight_bytes(model) -> int:
     """Bytes of all weights of a Keras model as stored (int8 weights count 1 byte each)."""
-    import numpy as np
+    from tfaccel.artifacts import Artifact
 
-    total = 0
-    for w in model.weights:
-        n = 1
-        for d in w.shape:
-            n *= int(d)
-        total += n * np.dtype(str(getattr(w.dtype, "name", w.dtype))).itemsize
-    return int(total)
+    return Artifact(kind="keras", model=model).size_bytes()
 
 
 @dataclasses.dataclass
