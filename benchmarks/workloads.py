@@ -325,7 +325,8 @@ def _produced_kind(chain: tuple[str, ...]) -> str:
 
 def default_rows(extra_chains: Sequence[Sequence[str]] = ()) -> list[RowSpec]:
     rows = [keras_export_row()]
-    chains = default_chains() + [tuple(c) for c in extra_chains if tuple(c) not in default_chains()]
+    chains = default_chains()
+    chains += [tuple(c) for c in extra_chains if tuple(c) not in chains]
     rows += [tfaccel_row(c) for c in chains]
     return rows
 

@@ -149,9 +149,4 @@ class TrtEngineRunner:
 
 
 class TrtEngineArtifact(Artifact):
-    """An Artifact of kind "tensorrt" whose runner is a :class:`TrtEngineRunner`."""
-
-    def runner(self):
-        if self.kind != "tensorrt":
-            return super().runner()
-        return TrtEngineRunner(self.path)
+    """An Artifact of kind "tensorrt": :meth:`Artifact.runner` gives a :class:`TrtEngineRunner` for it."""

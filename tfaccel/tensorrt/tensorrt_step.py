@@ -8,18 +8,13 @@ SavedModel stays the one before it.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-
 from tfaccel.artifacts import Artifact
-from tfaccel.pipeline import Step, StepContext
+from tfaccel.pipeline import StepContext
 from tfaccel.tensorrt.availability import import_cudart, import_tensorrt, require_gpu
-from tfaccel.tensorrt.calibration import describe_batches, representative_batches
 from tfaccel.tensorrt.engine_build import ENGINE_FILE, build_engine
 from tfaccel.tensorrt.engine_runner import TrtEngineArtifact
 from tfaccel.tensorrt.trt_api import TrtApi, plan_build
-from tfaccel.tensorrt.trt_config import TensorRTConfig, profiles_for, step_from_config
+from tfaccel.tensorrt.trt_config import TensorRTConfig, TrtStepBase, profiles_for
 from tfaccel.validation import Tolerance
 
 TENSORRT_TOLERANCES = {
@@ -36,7 +31,7 @@ TENSORRT_TOLERANCES = {
 TF32_TOLERANCE = Tolerance(max_abs_diff=None, min_cosine=0.9999, max_accuracy_drop=0.0)
 
 
-class TensorRTStep(Step):
+class TensorRTStep(TrtStepBase):
     """ONNX model -> TensorRT engine (fp32, fp16 or int8), checked on the GPU. A side artifact.
 
     Args:
@@ -59,27 +54,13 @@ class TensorRTStep(Step):
     side_artifact = True
     default_tolerance = TENSORRT_TOLERANCES["fp16"]
 
-    def __init__(self, precision: str | None = None, *, config: TensorRTConfig | None = None,
-                 calibration_inputs: dict[str, np.ndarray] | None = None, tolerance: Tolerance | None = None,
-                 on_breach: str | None = None, **options: Any):
-        if config is not None and (precision is not None or options):
-            raise ValueError("Pass either config=TensorRTConfig(...) or precision/options, not both.")
-        if config is None:
-            config = TensorRTConfig(**({"precision": precision} if precision is not None else {}), **options)
-        if not isinstance(config, TensorRTConfig):
-            raise ValueError(f"config must be a TensorRTConfig. Received: config={config!r}")
-        default = TF32_TOLERANCE if config.precision == "fp32" and config.allow_tf32 else TENSORRT_TOLERANCES[config.precision]
-        super().__init__(tolerance=tolerance or default, on_breach=on_breach)
-        self.config = config
-        self.calibration_inputs = calibration_inputs
-
-    def params(self) -> dict[str, Any]:
-        return self.config.get_config()
+    config_cls = TensorRTConfig
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> TensorRTStep:
-        """The inverse of :meth:`get_config` (as recorded in a report)."""
-        return step_from_config(cls, TensorRTConfig, config)
+    def tolerance_for(cls, config: TensorRTConfig) -> Tolerance:
+        if config.precision == "fp32" and config.allow_tf32:
+            return TF32_TOLERANCE
+        return TENSORRT_TOLERANCES[config.precision]
 
     def check(self, source):
         """Fail before any work where the step cannot run: returns the imported ``tensorrt`` module.
@@ -98,19 +79,12 @@ class TensorRTStep(Step):
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         trt = self.check(ctx.source)
-        from tfaccel.compat import capabilities
-
-        route, why = capabilities().tensorrt_route
-        ctx.note(f"TensorRT route on this machine: {route or 'none'} ({why})")
+        self._note_route(ctx)
         plan = plan_build(self.config.precision, TrtApi.of(trt), allow_tf32=self.config.allow_tf32)
         ctx.note(plan.description)
         profiles = profiles_for(self.config, ctx.source)
         ctx.note("profiles: " + "; ".join(p.describe() for p in profiles))
-        calibration = None
-        if plan.onnx_transform == "int8-qdq":
-            calibration = representative_batches(ctx.source, self.config.calibration_samples,
-                                                  self.config.calibration_batch_size, self.calibration_inputs)
-            ctx.note("int8 calibration on " + describe_batches(calibration, ctx.source, self.calibration_inputs))
+        calibration = self._calibration(ctx) if plan.onnx_transform == "int8-qdq" else None
         info = build_engine(artifact.path, ctx.stage_dir / ENGINE_FILE, self.config, profiles=profiles,
                             calibration_batches=calibration, log=ctx.log)
         ctx.note(f"engine built in {info['build_seconds']:.1f}s with TensorRT {info['tensorrt']}; it runs only "

@@ -15,11 +15,10 @@ import numpy as np
 
 from tfaccel.artifacts import Artifact
 from tfaccel.errors import StepError
-from tfaccel.pipeline import Step, StepContext
+from tfaccel.pipeline import StepContext
 from tfaccel.tensorrt.availability import require_gpu, require_tf_tensorrt
-from tfaccel.tensorrt.calibration import describe_batches, representative_batches
 from tfaccel.tensorrt.shape_profiles import ShapeProfile
-from tfaccel.tensorrt.trt_config import TftrtConfig, profiles_for, step_from_config
+from tfaccel.tensorrt.trt_config import TftrtConfig, TrtStepBase, profiles_for
 from tfaccel.validation import Tolerance
 
 # TensorRT fuses and reorders the math; fp32 layers may use TF32 tensor cores (about 1e-3 relative
@@ -106,7 +105,7 @@ def convert_with_tftrt(saved_model_dir: str | os.PathLike, output_dir: str | os.
     return {"summary": [ln.strip() for ln in lines if ln.strip().startswith("[*]")]}
 
 
-class TftrtStep(Step):
+class TftrtStep(TrtStepBase):
     """SavedModel -> TF-TRT SavedModel (TensorRT engines inside TensorFlow's graph).
 
     Needs a TensorFlow built with TensorRT (pip tensorflow <= 2.17, NVIDIA's containers) and an NVIDIA
@@ -130,26 +129,11 @@ class TftrtStep(Step):
     produces = "saved_model"
     default_tolerance = TFTRT_TOLERANCES["fp16"]
 
-    def __init__(self, precision: str | None = None, *, config: TftrtConfig | None = None,
-                 calibration_inputs: dict[str, np.ndarray] | None = None, tolerance: Tolerance | None = None,
-                 on_breach: str | None = None, **options: Any):
-        if config is not None and (precision is not None or options):
-            raise ValueError("Pass either config=TftrtConfig(...) or precision/options, not both.")
-        if config is None:
-            config = TftrtConfig(**({"precision": precision} if precision is not None else {}), **options)
-        if not isinstance(config, TftrtConfig):
-            raise ValueError(f"config must be a TftrtConfig. Received: config={config!r}")
-        super().__init__(tolerance=tolerance or TFTRT_TOLERANCES[config.precision], on_breach=on_breach)
-        self.config = config
-        self.calibration_inputs = calibration_inputs
-
-    def params(self) -> dict[str, Any]:
-        return self.config.get_config()
+    config_cls = TftrtConfig
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> TftrtStep:
-        """The inverse of :meth:`get_config` (as recorded in a report)."""
-        return step_from_config(cls, TftrtConfig, config)
+    def tolerance_for(cls, config: TftrtConfig) -> Tolerance:
+        return TFTRT_TOLERANCES[config.precision]
 
     def check(self, source) -> None:
         """Fail before any work where TF-TRT cannot run: no TensorRT in TensorFlow, no GPU, bad profile."""
@@ -159,18 +143,11 @@ class TftrtStep(Step):
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         self.check(ctx.source)
-        from tfaccel.compat import capabilities
-
-        route, why = capabilities().tensorrt_route
-        ctx.note(f"TensorRT route on this machine: {route or 'none'} ({why})")
+        self._note_route(ctx)
         profiles = profiles_for(self.config, ctx.source)
         ctx.note("profiles: " + "; ".join(p.describe() for p in profiles)
                  + f" (strategy {self.config.profile_strategy})")
-        calibration = None
-        if self.config.precision == "int8":
-            calibration = representative_batches(ctx.source, self.config.calibration_samples,
-                                                  self.config.calibration_batch_size, self.calibration_inputs)
-            ctx.note("int8 calibration on " + describe_batches(calibration, ctx.source, self.calibration_inputs))
+        calibration = self._calibration(ctx) if self.config.precision == "int8" else None
         info = convert_with_tftrt(artifact.path, ctx.stage_dir, self.config, build_inputs_for(ctx.source, profiles),
                                   calibration, log=ctx.log)
         for line in info["summary"]:

@@ -1,14 +1,20 @@
 """Settings of the two TensorRT routes: :class:`TftrtConfig` (TF-TRT) and :class:`TensorRTConfig`
 (ONNX -> TensorRT engine). Both validate themselves and round-trip through get_config/from_config;
-``TftrtConfig("fp16")`` / ``TensorRTConfig("fp16")`` are exactly the default configs."""
+``TftrtConfig("fp16")`` / ``TensorRTConfig("fp16")`` are exactly the default configs.
+:class:`TrtStepBase` is what the two routes' steps share around their config."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
+import numpy as np
+
+from tfaccel.pipeline import Step, StepContext
+from tfaccel.tensorrt.calibration import describe_batches, representative_batches
 from tfaccel.tensorrt.shape_profiles import ShapeProfile, coerce_profiles
+from tfaccel.validation import Tolerance
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: TF-TRT's dynamic-shape profile strategies (trt_convert.supported_profile_strategies(), less the
@@ -56,25 +62,31 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None, allow_n
         raise ValueError(f"{name} must be an int {bound}{' or None' if allow_none else ''}. Received: {name}={value!r}")
 
 
-def _from_config(cls, config: dict[str, Any]):
-    if not isinstance(config, dict):
-        raise ValueError(f"{cls.__name__}.from_config takes a dict. Received: {config!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(config) - known
-    if unknown:
-        raise ValueError(f"Unknown {cls.__name__} fields {sorted(unknown)}. Known: {', '.join(sorted(known))}")
-    return cls(**config)
+_C = TypeVar("_C", bound="_RoundTrip")
 
 
-def _config_dict(cfg) -> dict[str, Any]:
-    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    if d.get("profiles") is not None:
-        d["profiles"] = [p.get_config() for p in d["profiles"]]
-    return d
+class _RoundTrip:
+    """get_config / from_config of the config dataclasses below (profiles as their configs)."""
+
+    def get_config(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if d.get("profiles") is not None:
+            d["profiles"] = [p.get_config() for p in d["profiles"]]
+        return d
+
+    @classmethod
+    def from_config(cls: type[_C], config: dict[str, Any]) -> _C:
+        if not isinstance(config, dict):
+            raise ValueError(f"{cls.__name__}.from_config takes a dict. Received: {config!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} fields {sorted(unknown)}. Known: {', '.join(sorted(known))}")
+        return cls(**config)
 
 
 @dataclasses.dataclass(frozen=True)
-class TftrtConfig:
+class TftrtConfig(_RoundTrip):
     """How TF-TRT (``TrtGraphConverterV2``) converts a SavedModel.
 
     Args:
@@ -128,13 +140,6 @@ class TftrtConfig:
         _check_int("calibration_samples", self.calibration_samples, 1)
         _check_int("calibration_batch_size", self.calibration_batch_size, 1)
 
-    def get_config(self) -> dict[str, Any]:
-        return _config_dict(self)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> TftrtConfig:
-        return _from_config(cls, config)
-
     def converter_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``TrtGraphConverterV2`` (dynamic shapes on, as profiles need)."""
         kw: dict[str, Any] = {
@@ -152,7 +157,7 @@ class TftrtConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorRTConfig:
+class TensorRTConfig(_RoundTrip):
     """How an ONNX model becomes a TensorRT engine.
 
     Args:
@@ -204,13 +209,6 @@ class TensorRTConfig:
         _check_int("calibration_samples", self.calibration_samples, 1)
         _check_int("calibration_batch_size", self.calibration_batch_size, 1)
 
-    def get_config(self) -> dict[str, Any]:
-        return _config_dict(self)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> TensorRTConfig:
-        return _from_config(cls, config)
-
 
 def profiles_for(config: TftrtConfig | TensorRTConfig, source) -> tuple[ShapeProfile, ...]:
     """The config's profiles, or the one derived from ``source`` with the config's limits.
@@ -232,8 +230,6 @@ def step_from_config(step_cls, config_cls, config: dict[str, Any]):
     Example:
         >>> step_from_config(TensorRTStep, TensorRTConfig, TensorRTStep("int8").get_config())  # doctest: +SKIP
     """
-    from tfaccel.validation import Tolerance
-
     cfg = dict(config)
     name = cfg.pop("name", step_cls.name)
     if name != step_cls.name:
@@ -242,3 +238,50 @@ def step_from_config(step_cls, config_cls, config: dict[str, Any]):
     on_breach = cfg.pop("on_breach", None)
     return step_cls(config=config_cls.from_config(cfg),
                     tolerance=Tolerance.from_config(tol) if tol is not None else None, on_breach=on_breach)
+
+
+class TrtStepBase(Step):
+    """What the ``tftrt`` and ``tensorrt`` steps share: a whole ``config_cls`` or a precision plus its
+    fields, optional int8 calibration inputs, a default tolerance by precision, and their report notes."""
+
+    config_cls: ClassVar[type[TftrtConfig] | type[TensorRTConfig]]
+
+    def __init__(self, precision: str | None = None, *, config: Any = None,
+                 calibration_inputs: dict[str, np.ndarray] | None = None, tolerance: Tolerance | None = None,
+                 on_breach: str | None = None, **options: Any):
+        name = self.config_cls.__name__
+        if config is not None and (precision is not None or options):
+            raise ValueError(f"Pass either config={name}(...) or precision/options, not both.")
+        if config is None:
+            config = self.config_cls(**({"precision": precision} if precision is not None else {}), **options)
+        if not isinstance(config, self.config_cls):
+            raise ValueError(f"config must be a {name}. Received: config={config!r}")
+        super().__init__(tolerance=tolerance or self.tolerance_for(config), on_breach=on_breach)
+        self.config = config
+        self.calibration_inputs = calibration_inputs
+
+    @classmethod
+    def tolerance_for(cls, config) -> Tolerance:
+        """The default tolerance of a step with ``config``."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return self.config.get_config()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]):
+        """The inverse of :meth:`get_config` (as recorded in a report)."""
+        return step_from_config(cls, cls.config_cls, config)
+
+    def _note_route(self, ctx: StepContext) -> None:
+        from tfaccel.compat import capabilities
+
+        route, why = capabilities().tensorrt_route
+        ctx.note(f"TensorRT route on this machine: {route or 'none'} ({why})")
+
+    def _calibration(self, ctx: StepContext) -> list[dict[str, np.ndarray]]:
+        """The int8 calibration batches, noted in the report."""
+        batches = representative_batches(ctx.source, self.config.calibration_samples,
+                                         self.config.calibration_batch_size, self.calibration_inputs)
+        ctx.note("int8 calibration on " + describe_batches(batches, ctx.source, self.calibration_inputs))
+        return batches

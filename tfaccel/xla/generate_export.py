@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 
 from tfaccel.artifacts import normalize_outputs, output_names_of
-from tfaccel.xla.xla_export import bucket_for, validate_buckets
+from tfaccel.xla.xla_export import validate_buckets
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512)
 
@@ -196,15 +196,13 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
     return {"prompt_buckets": list(buckets), "max_new_tokens_cap": max_new_tokens_cap, "jit_compile": jit}
 
 
-def prompt_bucket(width: int, buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS) -> int:
-    return bucket_for(width, buckets)
-
-
 def keras_hub_greedy(causal_lm, token_ids, padding_mask, max_new_tokens: int):
     """keras-hub's own greedy ``generate`` on right-padded prompts, cut to each row's prompt + max_new_tokens."""
     import numpy as np
+    from keras_hub.samplers import GreedySampler
 
-    causal_lm.compile(sampler="greedy")
+    if not isinstance(getattr(causal_lm, "sampler", None), GreedySampler):
+        causal_lm.compile(sampler="greedy")  # compiling again would drop keras-hub's traced generate function
     ids = np.pad(token_ids, [[0, 0], [0, max_new_tokens]])
     mask = np.pad(padding_mask, [[0, 0], [0, max_new_tokens]]).astype(bool)
     out = np.asarray(causal_lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)["token_ids"])

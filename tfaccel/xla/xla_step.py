@@ -69,7 +69,7 @@ class XlaStep(Step):
         return {"buckets": list(self.buckets) if self.buckets else None, "jit_compile": True}
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
-        token_model = all(name in ("token_ids", "segment_ids", "padding_mask") for name in ctx.source.input_names)
+        token_model = all(s.is_token_input for s in ctx.source.input_specs)
         buckets = self.buckets if token_model else None
         if self.buckets and not token_model:
             ctx.note("model has no token inputs: compiled per exact input shape, no sequence buckets")
