@@ -100,17 +100,8 @@ def measure_interleaved(runners: dict[str, Any], inputs: dict[str, np.ndarray], 
                     times[name].append(call(name))
             except Exception as exc:
                 errors[name] = _error_text(exc)
-    out = {}
-    for name in names:
-        if name in errors:
-            continue
-        arr = np.asarray(times[name])
-        p50 = float(np.percentile(arr, 50))
-        out[name] = Measurement(
-            batch=batch, seq=seq, p50_ms=p50, p95_ms=float(np.percentile(arr, 95)), mean_ms=float(arr.mean()),
-            min_ms=float(arr.min()), throughput=batch / (p50 / 1000.0), runs=len(arr), warmup=warmup,
-            first_call_ms=first_ms[name],
-        )
+    out = {name: Measurement.from_times(times[name], batch=batch, seq=seq, warmup=warmup, first_call_ms=first_ms[name])
+           for name in names if name not in errors}
     return out, errors
 
 
@@ -539,7 +530,12 @@ def _run_worker(name: str, w: wl.Workload, tmp: Path, args) -> dict[str, Any]:
     if proc.returncode in (-9, 137):
         why += " (SIGKILL: most likely the out-of-memory killer)"
     log(f"== {name} FAILED: {why}")
-    return {"name": name, "source": w.source, "status": "failed", "error": why, "description": "", "note": w.note,
+    return _failed_workload(w, why)
+
+
+def _failed_workload(w: wl.Workload, error: str) -> dict[str, Any]:
+    """The result of a workload that produced none of its own."""
+    return {"name": w.name, "source": w.source, "status": "failed", "error": error, "description": "", "note": w.note,
             "rows": [], "generation": None, "reference_accuracy": None, "sample_inputs": {}, "shapes": []}
 
 
@@ -551,9 +547,7 @@ def _worker(w: wl.Workload, args) -> int:
         log(f"== {w.name} FAILED: {_error_text(exc)}")
         if args.verbose:
             traceback.print_exc()
-        res = {"name": w.name, "source": w.source, "status": "failed", "error": _error_text(exc),
-               "description": "", "note": w.note, "rows": [], "generation": None, "reference_accuracy": None,
-               "sample_inputs": {}, "shapes": []}
+        res = _failed_workload(w, _error_text(exc))
     Path(args.worker_result).write_text(json.dumps(res, default=_json_default))
     return 0
 

@@ -36,6 +36,17 @@ def bert_tiny():
 
 
 @pytest.fixture(scope="session")
+def onnx_model(bert_tiny, tmp_path_factory):
+    """bert-tiny exported and converted to ONNX (opset 17) once per session; tests only read it."""
+    from tfaccel.export import export_saved_model
+    from tfaccel.onnx import convert_saved_model
+
+    d = tmp_path_factory.mktemp("bert_tiny_onnx")
+    export_saved_model(bert_tiny.model, d / "sm")
+    return convert_saved_model(d / "sm", d / "model.onnx", opset=17)
+
+
+@pytest.fixture(scope="session")
 def gpt2_tiny():
     from tfaccel import load_source
 

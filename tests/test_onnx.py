@@ -3,16 +3,8 @@ import pytest
 
 from tfaccel import StepError
 from tfaccel.artifacts import KerasRunner, OnnxRunner
-from tfaccel.export import export_saved_model
 from tfaccel.onnx import convert_saved_model, quantize_dynamic_int8
 from tfaccel.onnx.onnx_convert import _unsupported_ops
-
-
-@pytest.fixture(scope="module")
-def onnx_model(bert_tiny, tmp_path_factory):
-    d = tmp_path_factory.mktemp("onnx")
-    export_saved_model(bert_tiny.model, d / "sm")
-    return convert_saved_model(d / "sm", d / "model.onnx", opset=17)
 
 
 def test_onnx_matches_keras_with_dynamic_shapes(bert_tiny, onnx_model):

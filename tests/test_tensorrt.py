@@ -61,16 +61,6 @@ TRT10 = TrtApi("10.16.1.11", TRT10_BUILDER_FLAGS, TRT10_NETWORK_FLAGS, has_qdq=T
 TRT11 = TrtApi("11.4.0.106", TRT11_BUILDER_FLAGS, TRT11_NETWORK_FLAGS, has_qdq=True)
 
 
-@pytest.fixture(scope="module")
-def onnx_model(bert_tiny, tmp_path_factory):
-    from tfaccel.export import export_saved_model
-    from tfaccel.onnx import convert_saved_model
-
-    d = tmp_path_factory.mktemp("trt_onnx")
-    export_saved_model(bert_tiny.model, d / "sm")
-    return convert_saved_model(d / "sm", d / "model.onnx", opset=17)
-
-
 def _cosine(a, b):
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

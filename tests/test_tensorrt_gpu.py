@@ -43,16 +43,6 @@ def trt():
     return tensorrt
 
 
-@pytest.fixture(scope="module")
-def onnx_model(bert_tiny, tmp_path_factory):
-    from tfaccel.export import export_saved_model
-    from tfaccel.onnx import convert_saved_model
-
-    d = tmp_path_factory.mktemp("trt_gpu_onnx")
-    export_saved_model(bert_tiny.model, d / "sm")
-    return convert_saved_model(d / "sm", d / "model.onnx", opset=17)
-
-
 def _cosine(a, b):
     a, b = a.astype(np.float64), b.astype(np.float64)
     return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))

@@ -7,8 +7,10 @@ same output names as the reference model, so any two stages can be compared.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,26 @@ def serving_signature(input_specs):
         shape = [None] + [None if (s.is_token_input or d is None) else d for d in s.shape[1:]]
         sig[s.name] = tf.TensorSpec(shape, tf.as_dtype(s.dtype), name=s.name)
     return sig
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a file through a hidden temporary beside it: yields the temporary's path; on success it
+    replaces ``path``, on any error it is removed, so ``path`` never holds a half-written file.
+
+    Example:
+        >>> with atomic_file("model.onnx") as tmp:  # doctest: +SKIP
+        ...     onnx.save(model, str(tmp))
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to {tmp} for {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def dir_size(path: str | os.PathLike) -> int:

@@ -73,6 +73,15 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_times(cls, times_ms, *, batch: int, seq: int | None, warmup: int, first_call_ms: float) -> Measurement:
+        """Summarize timed calls (milliseconds each) of one runner at one shape."""
+        arr = np.asarray(times_ms, dtype=float)
+        p50 = float(np.percentile(arr, 50))
+        return cls(batch=batch, seq=seq, p50_ms=p50, p95_ms=float(np.percentile(arr, 95)), mean_ms=float(arr.mean()),
+                   min_ms=float(arr.min()), throughput=batch / (p50 / 1000.0), runs=len(arr), warmup=warmup,
+                   first_call_ms=first_call_ms)
+
 
 def time_runner(
     runner: Callable[[dict[str, np.ndarray]], Any],
@@ -101,13 +110,7 @@ def time_runner(
         times.append((time.perf_counter() - t) * 1000)
         if max_seconds is not None and i >= 2 and time.perf_counter() - start > max_seconds:
             break
-    arr = np.asarray(times)
-    p50 = float(np.percentile(arr, 50))
-    return Measurement(
-        batch=batch, seq=seq, p50_ms=p50, p95_ms=float(np.percentile(arr, 95)), mean_ms=float(arr.mean()),
-        min_ms=float(arr.min()), throughput=batch / (p50 / 1000.0), runs=len(times), warmup=warmup,
-        first_call_ms=first,
-    )
+    return Measurement.from_times(times, batch=batch, seq=seq, warmup=warmup, first_call_ms=first)
 
 
 def parse_shape(text: str) -> tuple[int, int]:

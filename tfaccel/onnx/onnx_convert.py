@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tfaccel.artifacts import Artifact
+from tfaccel.artifacts import Artifact, atomic_file
 from tfaccel.errors import StepError
 from tfaccel.pipeline import Step, StepContext
 from tfaccel.validation import Tolerance
@@ -38,31 +38,28 @@ def convert_saved_model(saved_model_dir: str | os.PathLike, output_path: str | o
 
     require("tf2onnx", purpose="the onnx step")
     output_path = Path(output_path)
-    tmp_out = output_path.with_name(f".{output_path.name}.partial")
-    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir), "--output",
-           str(tmp_out), "--opset", str(opset), "--signature_def", signature]
-    if log:
-        log(f"  tf2onnx: converting {saved_model_dir} (opset {opset}); BERT-base takes about 2 minutes")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    with tempfile.TemporaryFile("w+") as logf:
-        try:
-            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired as exc:
-            tmp_out.unlink(missing_ok=True)
-            raise StepError(f"tf2onnx did not finish within {timeout}s on {saved_model_dir}.") from exc
-        logf.seek(0)
-        text = logf.read()
-    ops = _unsupported_ops(text)
-    if proc.returncode != 0 or not tmp_out.exists() or ops:
-        tmp_out.unlink(missing_ok=True)
-        if ops:
-            raise StepError(
-                f"tf2onnx cannot convert these TensorFlow ops to ONNX opset {opset}: {', '.join(ops)}. "
-                "Try a newer --opset, or keep those ops out of the exported signature."
-            )
-        tail = "\n".join(text.strip().splitlines()[-15:])
-        raise StepError(f"tf2onnx failed (exit {proc.returncode}) on {saved_model_dir}:\n{tail}")
-    os.replace(tmp_out, output_path)
+    with atomic_file(output_path) as tmp_out:
+        cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir), "--output",
+               str(tmp_out), "--opset", str(opset), "--signature_def", signature]
+        if log:
+            log(f"  tf2onnx: converting {saved_model_dir} (opset {opset}); BERT-base takes about 2 minutes")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        with tempfile.TemporaryFile("w+") as logf:
+            try:
+                proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+            except subprocess.TimeoutExpired as exc:
+                raise StepError(f"tf2onnx did not finish within {timeout}s on {saved_model_dir}.") from exc
+            logf.seek(0)
+            text = logf.read()
+        ops = _unsupported_ops(text)
+        if proc.returncode != 0 or not tmp_out.exists() or ops:
+            if ops:
+                raise StepError(
+                    f"tf2onnx cannot convert these TensorFlow ops to ONNX opset {opset}: {', '.join(ops)}. "
+                    "Try a newer --opset, or keep those ops out of the exported signature."
+                )
+            tail = "\n".join(text.strip().splitlines()[-15:])
+            raise StepError(f"tf2onnx failed (exit {proc.returncode}) on {saved_model_dir}:\n{tail}")
     return str(output_path)
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from tfaccel.artifacts import Artifact
+from tfaccel.artifacts import Artifact, atomic_file
 from tfaccel.pipeline import Step, StepContext
 from tfaccel.validation import Tolerance
 
@@ -20,16 +19,11 @@ def quantize_dynamic_int8(onnx_path: str | os.PathLike, output_path: str | os.Pa
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    output_path = Path(output_path)
-    tmp = output_path.with_name(f".{output_path.name}.partial")
-    try:
+    with atomic_file(output_path) as tmp:
         quantize_dynamic(
             str(onnx_path), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
             reduce_range=reduce_range, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-        os.replace(tmp, output_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(output_path)
 
 

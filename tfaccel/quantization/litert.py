@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact
+from tfaccel.artifacts import Artifact, atomic_file
 from tfaccel.errors import StepError
 from tfaccel.pipeline import Step, StepContext
 from tfaccel.validation import Tolerance
@@ -75,8 +75,6 @@ def convert_dynamic_range(saved_model_dir: str | os.PathLike, output_path: str |
     """
     import tensorflow as tf
 
-    output_path = Path(output_path)
-    tmp = output_path.with_name(f".{output_path.name}.partial")
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[signature])
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     try:
@@ -93,8 +91,8 @@ def convert_dynamic_range(saved_model_dir: str | os.PathLike, output_path: str |
             f"The LiteRT converter (TensorFlow {tf.__version__}) cannot convert {saved_model_dir}.{hint} "
             f"Converter said: {' / '.join(lines[:3])[:600]}"
         ) from exc
-    tmp.write_bytes(blob)
-    os.replace(tmp, output_path)
+    with atomic_file(output_path) as tmp:
+        tmp.write_bytes(blob)
     return str(output_path)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tfaccel.artifacts import atomic_file
 from tfaccel.errors import StepError
 from tfaccel.tensorrt.availability import import_tensorrt, require_gpu
 from tfaccel.tensorrt.shape_profiles import ShapeProfile
@@ -232,13 +233,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
             "If it ran out of GPU memory, lower max_workspace_bytes or max_batch/max_seq, and set "
             "TF_FORCE_GPU_ALLOW_GROWTH=true so TensorFlow in the same process does not hold the GPU's memory."
         )
-    tmp = engine_path.with_name(f".{engine_path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(serialized)
-        os.replace(tmp, engine_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(engine_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
     info = {
         "tensorrt": api.version,
         "precision": config.precision,

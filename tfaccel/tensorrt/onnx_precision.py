@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfaccel.artifacts import atomic_file
 from tfaccel.errors import StepError
 
 #: The int8 route quantizes the matrix products: that is where the time and the int8 kernels are.
@@ -26,12 +27,8 @@ QDQ_OP_TYPES = ("MatMul", "Gemm")
 def _save(model, output_path: Path) -> str:
     import onnx
 
-    tmp = output_path.with_name(f".{output_path.name}.partial")
-    try:
+    with atomic_file(output_path) as tmp:
         onnx.save(model, str(tmp))
-        os.replace(tmp, output_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(output_path)
 
 
@@ -79,10 +76,9 @@ class _BatchReader:
         self._it = iter(self._batches)
 
 
-def _onnx_input_types(onnx_path) -> dict[str, type]:
+def _onnx_input_types(model) -> dict[str, type]:
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     out = {}
     for inp in model.graph.input:
         try:
@@ -158,26 +154,23 @@ def quantize_onnx_qdq_int8(onnx_path: str | os.PathLike, output_path: str | os.P
     if not calibration_batches:
         raise StepError("int8 quantization needs at least one calibration batch; none were given.")
     output_path = Path(output_path)
-    tmp = output_path.with_name(f".{output_path.name}.partial")
-    reader = _BatchReader(calibration_batches, _onnx_input_types(onnx_path))
-    exclude = [] if quantize_activation_matmuls else activation_matmuls(
-        onnx.load(str(onnx_path), load_external_data=False), op_types)
+    graph_only = onnx.load(str(onnx_path), load_external_data=False)
+    reader = _BatchReader(calibration_batches, _onnx_input_types(graph_only))
+    exclude = [] if quantize_activation_matmuls else activation_matmuls(graph_only, op_types)
     try:
-        quantize_static(
-            str(onnx_path), str(tmp), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
-            nodes_to_exclude=exclude,
-            per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            # TensorRT takes symmetric int8 only (zero point 0). DefaultTensorType: tf2onnx graphs leave some
-            # tensor types unknown to onnxruntime's quantizer (shared FACTS.md).
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-        os.replace(tmp, output_path)
+        with atomic_file(output_path) as tmp:
+            quantize_static(
+                str(onnx_path), str(tmp), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                nodes_to_exclude=exclude,
+                per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                # TensorRT takes symmetric int8 only (zero point 0). DefaultTensorType: tf2onnx graphs leave some
+                # tensor types unknown to onnxruntime's quantizer (shared FACTS.md).
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
     except StepError:
         raise
     except Exception as exc:
         raise StepError(f"int8 Q/DQ quantization of {onnx_path} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(output_path)
