@@ -73,13 +73,6 @@ class PrunedWeight:
     original_constraint: Any = None
     threshold: float = 0.0
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.variable.shape))
-
-    def zeros(self) -> int:
-        return int(self.size - np.count_nonzero(np.asarray(self.variable.numpy())))
-
 
 class PruningState:
     """The masks of one pruned model and the pruning step; built by :func:`prune_low_magnitude`.
@@ -158,14 +151,7 @@ class PruningState:
     # -- reporting ---------------------------------------------------------------------------------
     def sparsity(self) -> dict[str, float]:
         """Fraction of exact zeros in each pruned kernel, and ``"total"`` over all of them."""
-        out, zeros, size = {}, 0, 0
-        for w in self.weights:
-            z = w.zeros()
-            out[w.name] = z / w.size
-            zeros += z
-            size += w.size
-        out["total"] = zeros / max(size, 1)
-        return out
+        return _zero_fractions((w.name, w.variable) for w in self.weights)
 
     def get_config(self) -> dict[str, Any]:
         return {"pruning_schedule": serialize_schedule(self.schedule) if self.schedule is not None else None,
@@ -249,14 +235,10 @@ def _select_layers(model, layers) -> list:
                 f"No Dense/EinsumDense layer matches {unmatched}: give layer names, paths or regular expressions "
                 f"over paths (e.g. {sample}, ...). Received: layers={layers!r}"
             )
-    seen, out = set(), []
-    for layer in chosen:
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            out.append(layer)
-    if not out:
+    # No duplicates: _flatten_layers yields each layer once, and patterns add only layers not chosen yet.
+    if not chosen:
         raise ValueError(f"Nothing to prune: model {model.name!r} has no selected Dense or EinsumDense layer.")
-    return out
+    return chosen
 
 
 def prune_low_magnitude(
@@ -442,11 +424,16 @@ def kernel_sparsity(model, layers=None) -> dict[str, float]:
         >>> kernel_sparsity(model)["total"]  # doctest: +SKIP
         0.5
     """
+    return _zero_fractions((layer.path, _kernel_of(layer)) for layer in _select_layers(model, layers))
+
+
+def _zero_fractions(named_kernels: Iterable[tuple[str, Any]]) -> dict[str, float]:
+    """``{name: fraction of exact zeros}`` for ``(name, kernel variable)`` pairs, and ``"total"``."""
     out, zeros, size = {}, 0, 0
-    for layer in _select_layers(model, layers):
-        k = np.asarray(_kernel_of(layer).numpy())
+    for name, kernel in named_kernels:
+        k = np.asarray(kernel.numpy())
         z = int(k.size - np.count_nonzero(k))
-        out[layer.path] = z / k.size
+        out[name] = z / k.size
         zeros += z
         size += k.size
     out["total"] = zeros / max(size, 1)

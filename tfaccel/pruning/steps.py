@@ -30,8 +30,6 @@ def _bbc_train_data(seq: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
 def load_finetune_data(data: Any, source) -> tuple[dict[str, np.ndarray], np.ndarray | None, str] | None:
     """Resolve the step's ``data`` argument to ``(inputs, labels or None, description)``, or None
     for no fine-tuning."""
-    from tfaccel.sources import check_inputs
-
     if isinstance(data, str) and data == "none":
         return None
     if data is None or (isinstance(data, str) and data == "auto"):
@@ -60,13 +58,22 @@ def load_finetune_data(data: Any, source) -> tuple[dict[str, np.ndarray], np.nda
             "prune-structured: data must be 'auto', 'none', an .npz path, a dict of input arrays or an "
             f"(inputs, labels) tuple. Received: data of type {type(data).__name__}"
         )
-    inputs = check_inputs(source.input_specs, arrays, "prune-structured fine-tuning data")
+    inputs = source.check_inputs(arrays, "prune-structured fine-tuning data")
     n = len(next(iter(inputs.values())))
     if labels is not None:
         labels = np.asarray(labels)
         if len(labels) != n:
             raise StepError(f"prune-structured: {len(labels)} labels for {n} fine-tuning examples; they must match.")
     return inputs, labels, f"{desc} ({n} examples{', labelled' if labels is not None else ''})"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, name: str, value: Any, requirement: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {requirement}. Received: {name}={value!r}")
 
 
 class StructuredPruneStep(Step):
@@ -109,22 +116,18 @@ class StructuredPruneStep(Step):
                  learning_rate: float = 2e-4, temperature: float = 2.0, student_loss_weight: float = 0.5,
                  importance: str = "activation", calibration_samples: int = 64, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-            raise ValueError(f"fraction must be a number in (0, 1). Received: fraction={fraction!r}")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be an int >= 0 (0: no fine-tuning). Received: epochs={epochs!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int. Received: batch_size={batch_size!r}")
-        if not isinstance(learning_rate, (int, float)) or learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be > 0. Received: temperature={temperature!r}")
-        if not isinstance(student_loss_weight, (int, float)) or not 0.0 <= student_loss_weight <= 1.0:
-            raise ValueError(f"student_loss_weight must be in [0, 1]. Received: student_loss_weight={student_loss_weight!r}")
-        if importance not in ("activation", "weight"):
-            raise ValueError(f"importance must be 'activation' or 'weight'. Received: importance={importance!r}")
-        if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
-            raise ValueError(f"calibration_samples must be a positive int. Received: calibration_samples={calibration_samples!r}")
+        real = (int, float)
+        _require(not isinstance(fraction, bool) and isinstance(fraction, real) and 0.0 < fraction < 1.0,
+                 "fraction", fraction, "a number in (0, 1)")
+        _require(_is_int(epochs) and epochs >= 0, "epochs", epochs, "an int >= 0 (0: no fine-tuning)")
+        _require(_is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a positive int")
+        _require(isinstance(learning_rate, real) and not learning_rate <= 0, "learning_rate", learning_rate, "> 0")
+        _require(isinstance(temperature, real) and not temperature <= 0, "temperature", temperature, "> 0")
+        _require(isinstance(student_loss_weight, real) and 0.0 <= student_loss_weight <= 1.0,
+                 "student_loss_weight", student_loss_weight, "in [0, 1]")
+        _require(importance in ("activation", "weight"), "importance", importance, "'activation' or 'weight'")
+        _require(_is_int(calibration_samples) and calibration_samples >= 1,
+                 "calibration_samples", calibration_samples, "a positive int")
         if not (isinstance(data, (str, os.PathLike, dict, tuple)) or data is None):
             raise ValueError(f"data must be 'auto', 'none', an .npz path, a dict or an (inputs, labels) tuple. Received: {type(data).__name__}")
         self.fraction = fraction
