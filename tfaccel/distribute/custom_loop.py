@@ -124,13 +124,8 @@ class DistributedTrainingLoop:
         # not inlined once per replica (Grappler then spends minutes on mixed_float16 graphs).
         replica_step = tf.function(replica_step, reduce_retracing=True)
 
-        @tf.function
-        def train_function(dist_batch):
-            per_replica = self.strategy.run(replica_step, args=(dist_batch,))
-            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-        self._train_function = train_function
-        return train_function
+        self._train_function = self._on_all_replicas(replica_step)
+        return self._train_function
 
     def make_test_function(self) -> Callable:
         """The distributed evaluation step: updates the metrics, returns the global mean loss."""
@@ -149,13 +144,20 @@ class DistributedTrainingLoop:
             model.compute_metrics(x, y, y_pred, sample_weight)
             return loss
 
+        self._test_function = self._on_all_replicas(replica_step)
+        return self._test_function
+
+    def _on_all_replicas(self, replica_step) -> Callable:
+        """A tf.function running ``replica_step`` on every replica's slice of a distributed batch and
+        summing the replicas' losses (each already divided by the global batch: the global mean)."""
+        import tensorflow as tf
+
         @tf.function
-        def test_function(dist_batch):
+        def step(dist_batch):
             per_replica = self.strategy.run(replica_step, args=(dist_batch,))
             return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-        self._test_function = test_function
-        return test_function
+        return step
 
     # ----------------------------------------------------------------------------------------------
     def build_metrics(self, batch) -> None:

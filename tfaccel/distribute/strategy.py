@@ -109,16 +109,17 @@ def worker_info(strategy=None) -> tuple[int, int]:
     if strategy is not None:
         resolver = getattr(strategy, "cluster_resolver", None)
         if resolver is not None and resolver.task_type is not None:
-            spec = resolver.cluster_spec().as_dict()
-            n = len(spec.get("worker", [])) + len(spec.get("chief", []))
-            index = resolver.task_id + (1 if resolver.task_type == "worker" and "chief" in spec else 0)
-            return index, max(n, 1)
+            return _position(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
     cfg = tf_config()
     if cfg is None:
         return 0, 1
-    cluster = cfg["cluster"]
+    return _position(cfg["cluster"], cfg["task"]["type"], cfg["task"]["index"])
+
+
+def _position(cluster: dict, task_type: str, task_id) -> tuple[int, int]:
+    """(worker index, number of workers) of a task in a cluster; a ``chief`` task counts as worker 0."""
     n = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
-    index = int(cfg["task"]["index"]) + (1 if cfg["task"]["type"] == "worker" and "chief" in cluster else 0)
+    index = int(task_id) + (1 if task_type == "worker" and "chief" in cluster else 0)
     return index, max(n, 1)
 
 
@@ -170,6 +171,8 @@ def make_strategy(kind: str = "auto", devices: Sequence[str] | None = None, logi
         raise ValueError(f"Unknown strategy kind. Use one of {STRATEGY_KINDS}. Received: kind={kind!r}")
     import tensorflow as tf
 
+    from tfaccel.compat import gpu_devices
+
     cfg = tf_config()
     n_workers = worker_info()[1] if cfg else 1
     if kind == "multi_worker" or (kind == "auto" and n_workers > 1):
@@ -189,7 +192,7 @@ def make_strategy(kind: str = "auto", devices: Sequence[str] | None = None, logi
         except RuntimeError as exc:
             raise TfaccelError(f"MultiWorkerMirroredStrategy could not start ({exc}). Create it before any other "
                                "TensorFlow work in the process.") from exc
-    if logical_cpus is not None and not tf.config.list_physical_devices("GPU"):
+    if logical_cpus is not None and not gpu_devices():
         set_logical_cpus(logical_cpus)
     if devices is None:
         gpus = tf.config.list_logical_devices("GPU")
