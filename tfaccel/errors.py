@@ -9,6 +9,11 @@ class SourceError(TfaccelError):
     """A model source could not be loaded (missing path, unknown format, not a Keras model...)."""
 
 
+class DataFileError(SourceError):
+    """A user's data file (eval, calibration or fine-tuning data) cannot be used: missing, unreadable,
+    empty, or its names, dtypes, lengths or labels do not fit the model. The message names the file."""
+
+
 class InputMismatchError(TfaccelError):
     """Sample inputs do not match the model's input names, dtypes or ranks."""
 

@@ -47,6 +47,9 @@ class ModelSource:
         dict_inputs: whether the model is called with a dict (keras-hub) or a single tensor.
         task: "classification", "backbone", "causal_lm" or "generic".
         label_names: class names for classification sources.
+        calibration_inputs: inputs int8 calibration runs on (name -> array), when the user gave them
+            (:meth:`with_calibration_data`); otherwise calibration takes the eval split.
+        data_files: the user's data files this source carries: {"eval": path, "calibration": path}.
     """
 
     name: str
@@ -64,6 +67,8 @@ class ModelSource:
     description: str = ""
     default_seq: int = 128
     max_sequence_length: int | None = None
+    calibration_inputs: dict[str, np.ndarray] | None = None
+    data_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -101,6 +106,49 @@ class ModelSource:
     def with_sample_inputs(self, inputs: dict[str, np.ndarray]) -> ModelSource:
         """A copy of this source that validates on the given inputs (checked first)."""
         return dataclasses.replace(self, sample_inputs=self.check_inputs(inputs))
+
+    def with_eval_data(self, path: str | os.PathLike) -> ModelSource:
+        """A copy of this source whose eval split is the user's labelled data file, so every stage's
+        accuracy is measured on it and each step's ``max_accuracy_drop`` applies to it.
+
+        Args:
+            path: an ``.npz`` (model inputs plus ``labels``) or a ``.csv`` / ``.jsonl`` of texts with
+                ``text`` and ``label`` (tokenized with the source's tokenizer); see :mod:`tfaccel.eval_data`.
+
+        Raises:
+            DataFileError: the file is missing, unreadable, empty or does not fit the model, or the
+                model is a backbone (no class logits to score).
+
+        Example:
+            >>> src = load_source("bert-tiny").with_eval_data("eval.npz")  # doctest: +SKIP
+        """
+        from tfaccel.errors import DataFileError
+        from tfaccel.eval_data import load_data_file
+
+        if self.task in ("backbone", "causal_lm"):
+            raise DataFileError(
+                f"eval data {str(path)!r}: {self.name!r} is a {self.task} model, with no class logits to score labels "
+                "against. Load a classifier (a preset folder with --task classification --num-classes N)."
+            )
+        data = load_data_file(path, self, what="eval data", labels="required")
+        label_names = self.label_names or data.label_names
+        return dataclasses.replace(
+            self, eval_inputs=data.inputs, eval_labels=data.labels, label_names=label_names,
+            task="classification", data_files={**self.data_files, "eval": data.description},
+        )
+
+    def with_calibration_data(self, path: str | os.PathLike) -> ModelSource:
+        """A copy of this source whose int8 calibration (TensorRT ``tftrt`` / ``tensorrt``) runs on the
+        user's data file (``.npz`` of model inputs, or texts; labels are not needed).
+
+        Raises:
+            DataFileError: the file is missing, unreadable, empty or does not fit the model.
+        """
+        from tfaccel.eval_data import load_data_file
+
+        data = load_data_file(path, self, what="calibration data", labels="ignored")
+        return dataclasses.replace(self, calibration_inputs=data.inputs,
+                                   data_files={**self.data_files, "calibration": data.description})
 
 
 def check_inputs(specs: list[InputSpec], inputs: dict[str, Any], what: str) -> dict[str, np.ndarray]:
@@ -319,6 +367,8 @@ def load_source(
     num_classes: int | None = None,
     sample_inputs: dict[str, np.ndarray] | str | None = None,
     progress=None,
+    eval_data: str | os.PathLike | None = None,
+    calibration_data: str | os.PathLike | None = None,
 ) -> ModelSource:
     """Load a model source.
 
@@ -330,6 +380,9 @@ def load_source(
         num_classes: for ``task="classification"``.
         sample_inputs: inputs to validate on instead of the source's own: a dict or an .npz path.
         progress: callable taking a message, for long work (building an example).
+        eval_data: your labelled eval data (``.npz`` of inputs plus ``labels``, or a ``.csv`` /
+            ``.jsonl`` of texts): every stage's accuracy is measured on it (:meth:`ModelSource.with_eval_data`).
+        calibration_data: your int8 calibration data (:meth:`ModelSource.with_calibration_data`).
 
     Returns:
         A :class:`ModelSource`.
@@ -337,6 +390,7 @@ def load_source(
     Raises:
         SourceError: the path does not exist or is not a model tfaccel can load.
         InputMismatchError: ``sample_inputs`` do not match the model's inputs.
+        DataFileError: ``eval_data`` / ``calibration_data`` cannot be used (the message names the file).
 
     Example:
         >>> src = load_source("bert-tiny")
@@ -378,4 +432,8 @@ def load_source(
         if isinstance(sample_inputs, (str, os.PathLike)):
             sample_inputs = load_sample_inputs(sample_inputs)
         src = src.with_sample_inputs(sample_inputs)
+    if eval_data is not None:
+        src = src.with_eval_data(eval_data)
+    if calibration_data is not None:
+        src = src.with_calibration_data(calibration_data)
     return src

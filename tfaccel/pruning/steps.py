@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,16 +37,12 @@ def load_finetune_data(data: Any, source) -> tuple[dict[str, np.ndarray], np.nda
             return inputs, labels, DEFAULT_DATA[source.name]
         return None
     if isinstance(data, (str, os.PathLike)):
-        p = Path(data)
-        if not p.is_file():
-            raise StepError(
-                f"prune-structured: fine-tuning data {str(p)!r} does not exist. Pass an .npz with one array per "
-                "model input (and optionally 'labels'), or data='none' to skip fine-tuning."
-            )
-        with np.load(p, allow_pickle=False) as d:
-            arrays = {k: d[k] for k in d.files}
-        labels = arrays.pop("labels", None)
-        desc = str(p)
+        # An .npz of model inputs (optional 'labels'), or a .csv / .jsonl of texts (tokenized with the source's
+        # tokenizer): the same loader and checks as --eval-data; a bad file raises DataFileError naming it.
+        from tfaccel.eval_data import load_data_file
+
+        loaded = load_data_file(data, source, what="prune-structured fine-tuning data", labels="optional")
+        return loaded.inputs, loaded.labels, loaded.description
     elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], dict):
         arrays, labels = dict(data[0]), data[1]
         desc = "arrays"
@@ -85,7 +80,8 @@ class StructuredPruneStep(Step):
         fraction: share of feed-forward units removed, in (0, 1).
         data: fine-tuning data: ``"auto"`` (the source's own training split where it has one: the
             BBC train split for ``minilm-bbc``; otherwise no fine-tuning), ``"none"``, an ``.npz`` path
-            (one array per model input, optional ``labels``), a dict of input arrays, or an
+            (one array per model input, optional ``labels``) or a ``.csv`` / ``.jsonl`` of texts
+            (``text``, optional ``label``; see :mod:`tfaccel.eval_data`), a dict of input arrays, or an
             ``(inputs, labels)`` tuple.
         epochs, batch_size, learning_rate, temperature, student_loss_weight: distillation settings
             (:func:`tfaccel.pruning.distill`; the rate decays linearly from ``learning_rate`` to 0). On

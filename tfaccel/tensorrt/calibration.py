@@ -11,8 +11,8 @@ def representative_batches(source, samples: int = 64, batch_size: int = 8,
                            inputs: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
     """Equal-shaped batches of real inputs for int8 calibration.
 
-    Takes ``inputs`` if given, else the source's eval split (real data, e.g. BBC News articles),
-    else its sample inputs. Every batch has the same shape (TF-TRT calibration requires it), so a
+    Takes ``inputs`` if given, else the source's calibration data (``--calibration-data``), else its
+    eval split (real data, e.g. BBC News articles), else its sample inputs. Every batch has the same shape (TF-TRT calibration requires it), so a
     trailing partial batch is dropped unless it would be the only one.
 
     Args:
@@ -29,6 +29,8 @@ def representative_batches(source, samples: int = 64, batch_size: int = 8,
         >>> [b["token_ids"].shape for b in representative_batches(load_source("bert-tiny"), 8, 4)]  # doctest: +SKIP
         [(4, 32), (4, 32)]
     """
+    if inputs is None:
+        inputs = getattr(source, "calibration_inputs", None)  # the user's calibration file (--calibration-data)
     data = inputs if inputs is not None else (source.eval_inputs if source.eval_inputs is not None else source.sample_inputs)
     data = source.check_inputs(dict(data), "calibration inputs")
     counts = {k: len(v) for k, v in data.items()}
@@ -47,7 +49,9 @@ def describe_batches(batches: list[dict[str, np.ndarray]], source, inputs=None) 
         >>> describe_batches(batches, source)  # doctest: +SKIP
         '8 batches of shape (8, 128) from the source's eval split (...)'
     """
-    what = ("your calibration inputs" if inputs is not None
+    user_file = inputs is None and getattr(source, "calibration_inputs", None) is not None
+    what = (f"your calibration data {getattr(source, 'data_files', {}).get('calibration', '')}".rstrip() if user_file
+            else "your calibration inputs" if inputs is not None
             else "the source's eval split (accuracy is then measured on data the scales were calibrated on; pass "
                  "calibration_inputs= with training data for an unbiased number)" if source.eval_inputs is not None
             else "the source's sample inputs")
