@@ -6,13 +6,14 @@
 | bert-base | BERT-base architecture (12 layers, hidden 768), random weights, for speed work |
 | gpt2-small | GPT-2 small architecture (124M), random weights, for speed work |
 | bert-tiny / gpt2-tiny | tiny configs for tests |
+| tiny:<family> | tiny random config of every keras-hub text family (bert ... smollm3), tests |
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tfaccel.examples import builders
+from tfaccel.examples import builders, families
 
 # name -> (builder, one-line description). One table; the CLI help and docs read it.
 EXAMPLES: dict[str, tuple[Callable, str]] = {
@@ -22,6 +23,7 @@ EXAMPLES: dict[str, tuple[Callable, str]] = {
     "bert-tiny": (builders.bert_tiny, "tiny BERT classifier, random weights (tests)"),
     "gpt2-tiny": (builders.gpt2_tiny, "tiny GPT-2 causal LM, random weights (tests)"),
 }
+EXAMPLES.update(families.EXAMPLES)  # tiny:<family> for every keras-hub text family (tfaccel/examples/families.py)
 
 
 def list_examples() -> dict[str, str]:
