@@ -1,0 +1,267 @@
+"""Generators for tfaccel's generation artifacts, and :func:`load_generator`, which tells them apart.
+
+- a SavedModel from the ``generate`` step: its ``generate_greedy`` signature (the loop runs inside it);
+- an ONNX decoder folder (``onnx-decoder``, ``ort-decoder-int8``, ``ort-decoder-int4``): onnxruntime runs
+  one decode step per token, the cache stays in onnxruntime's buffers between steps;
+- a TensorRT decoder folder (``tensorrt-decoder``): the same loop over a TensorRT engine on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tfaccel.errors import InputMismatchError, SourceError
+from tfaccel.generation.greedy_loop import GenerationResult, greedy_generate
+from tfaccel.generation.prompts import prepare_prompts
+
+TRT_DECODER_FILE = "decoder.engine"
+
+
+class Generator:
+    """Greedy generation from one artifact: ``generate(prompt_ids, max_new_tokens, stop_token_id)``.
+
+    Attributes:
+        kind: "saved_model", "onnx_decoder" or "tensorrt_decoder".
+        vocabulary_size, max_length: limits prompts are checked against (None: unknown / unbounded).
+    """
+
+    kind = ""
+    vocabulary_size: int | None = None
+    max_length: int | None = None
+
+    def generate(self, prompt_ids, max_new_tokens: int = 16, stop_token_id: int = -1,
+                 padding_mask=None) -> GenerationResult:
+        """Greedy tokens after each prompt (see :func:`tfaccel.generation.generate`)."""
+        if not isinstance(stop_token_id, (int, np.integer)) or isinstance(stop_token_id, bool):
+            raise InputMismatchError(f"stop_token_id must be an int (-1: none). Received: stop_token_id={stop_token_id!r}")
+        ids, mask = prepare_prompts(prompt_ids, padding_mask, vocabulary_size=self.vocabulary_size,
+                                    max_length=self.max_length, max_new_tokens=max_new_tokens)
+        return self._generate(ids, mask, int(max_new_tokens), int(stop_token_id))
+
+    def _generate(self, ids, mask, max_new_tokens, stop_token_id) -> GenerationResult:
+        raise NotImplementedError
+
+
+class SavedModelGenerator(Generator):
+    """The ``generate_greedy`` signature of a SavedModel written by the ``generate`` step."""
+
+    kind = "saved_model"
+
+    def __init__(self, path: str | os.PathLike):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.path = str(path)
+        self._loaded = tf.saved_model.load(self.path)
+        if "generate_greedy" not in self._loaded.signatures:
+            raise SourceError(f"The SavedModel {self.path} has no generate_greedy signature (it has "
+                              f"{sorted(self._loaded.signatures)}). Write one with the 'generate' step.")
+        self._fn = self._loaded.signatures["generate_greedy"]
+
+    def _generate(self, ids, mask, max_new_tokens, stop_token_id):
+        tf = self._tf
+        try:
+            out = self._fn(token_ids=tf.constant(ids), padding_mask=tf.constant(mask),
+                           max_new_tokens=tf.constant(max_new_tokens), stop_token_id=tf.constant(stop_token_id))
+        except tf.errors.InvalidArgumentError as exc:
+            if "prompt bucket" in str(exc):
+                raise InputMismatchError(
+                    f"The prompt ({ids.shape[1]} tokens) is longer than the largest prompt bucket of {self.path}. "
+                    "Shorten it, or rebuild with a larger bucket (--set generate.prompt_buckets=...).") from exc
+            raise
+        tokens, lengths = out["token_ids"].numpy(), out["lengths"].numpy()
+        if tokens.shape[1] < ids.shape[1] + max_new_tokens:
+            raise InputMismatchError(
+                f"{self.path} generates at most {tokens.shape[1] - ids.shape[1]} new tokens (its max_new_tokens_cap). "
+                f"Received: max_new_tokens={max_new_tokens}. Ask for fewer or rebuild with a larger cap.")
+        return GenerationResult(token_ids=tokens, lengths=lengths)
+
+
+class _CacheDecoder(Generator):
+    """The greedy loop over a decoder step with ``past_i`` inputs and ``present_i`` outputs."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from tfaccel.onnx.decoder_export import read_layout
+
+        self.path = str(folder)
+        self.layout, self.info = read_layout(folder)
+        self.vocabulary_size = self.layout.vocabulary_size
+        self.max_length = self.layout.max_length
+        self._cache_dtype = np.dtype(self.layout.dtype if self.layout.dtype != "bfloat16" else "float32")
+
+    def _empty_past(self, batch: int):
+        lay = self.layout
+        return {n: np.zeros((batch, 2, 0, lay.num_kv_heads, lay.head_dim), self._cache_dtype)
+                for n in lay.past_names()}
+
+    def _generate(self, ids, mask, max_new_tokens, stop_token_id):
+        state = {}
+
+        def prefill(x):
+            state["past"], state["past_len"] = self._empty_past(x.shape[0]), 0
+            return self._step(x, state)
+
+        def decode(x):
+            return self._step(x, state)
+
+        return greedy_generate(prefill, decode, ids, mask, max_new_tokens, stop_token_id)
+
+    def _step(self, x, state):
+        raise NotImplementedError
+
+    def logits(self, token_ids: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
+        """The forward pass (no past): logits ``[batch, seq, vocab]`` with the padding mask applied."""
+        raise NotImplementedError
+
+
+class OnnxDecoderGenerator(_CacheDecoder):
+    """An ONNX decoder folder (``decoder.onnx`` + ``decoder.json``) in onnxruntime on the CPU.
+
+    Args:
+        folder: the decoder folder.
+        intra_op_threads: onnxruntime threads (0: all cores).
+    """
+
+    kind = "onnx_decoder"
+
+    def __init__(self, folder: str | os.PathLike, intra_op_threads: int = 0):
+        super().__init__(folder)
+        from tfaccel.compat import require
+
+        ort = require("onnxruntime", purpose="running ONNX decoders")
+        self._ort = ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = intra_op_threads
+        model = Path(folder) / self.info.get("onnx_file", "decoder.onnx")
+        self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        self._outputs = ["logits", *self.layout.present_names()]
+
+    def _run(self, feed):
+        ort = self._ort
+        values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+        return self.session.run_with_ort_values(self._outputs, values)
+
+    def _step(self, x, state):
+        past_len = state.get("past_len", 0)
+        x = np.ascontiguousarray(x, dtype=np.int32)
+        mask = np.ones((x.shape[0], past_len + x.shape[1]), np.int32)
+        outs = self._run({"input_ids": x, "attention_mask": mask, **state["past"]})
+        state["past"] = dict(zip(self.layout.past_names(), outs[1:], strict=True))  # stays in onnxruntime's buffers
+        state["past_len"] = past_len + x.shape[1]
+        logits = outs[0].numpy()
+        return logits[:, -1, :]
+
+    def logits(self, token_ids, padding_mask):
+        ids = np.asarray(token_ids, np.int32)
+        outs = self._run({"input_ids": ids, "attention_mask": np.asarray(padding_mask, np.int32),
+                          **self._empty_past(ids.shape[0])})
+        return outs[0].numpy()
+
+
+class TrtDecoderGenerator(_CacheDecoder):
+    """A TensorRT decoder folder (``decoder.engine`` + ``decoder.json``) on an NVIDIA GPU.
+
+    The cache goes through the host between steps (:class:`tfaccel.tensorrt.TrtEngineRunner`'s numpy
+    interface): correct, not the fastest a TensorRT decoder can be.
+    """
+
+    kind = "tensorrt_decoder"
+
+    def __init__(self, folder: str | os.PathLike):
+        super().__init__(folder)
+        from tfaccel.tensorrt.engine_runner import TrtEngineRunner
+
+        self.runner = TrtEngineRunner(Path(folder) / TRT_DECODER_FILE)
+        dtypes = self.runner.input_dtypes
+        self._cache_dtype = dtypes.get("past_0", self._cache_dtype)
+
+    def _step(self, x, state):
+        past = state["past"]
+        past_len = past["past_0"].shape[2]
+        mask = np.ones((x.shape[0], past_len + x.shape[1]), np.int32)
+        outs = self.runner({"input_ids": np.asarray(x, np.int32), "attention_mask": mask, **past})
+        state["past"] = {p: outs[q] for p, q in zip(self.layout.past_names(), self.layout.present_names(), strict=True)}
+        return outs["logits"][:, -1, :].astype(np.float32)
+
+    def logits(self, token_ids, padding_mask):
+        ids = np.asarray(token_ids, np.int32)
+        outs = self.runner({"input_ids": ids, "attention_mask": np.asarray(padding_mask, np.int32),
+                            **self._empty_past(ids.shape[0])})
+        return outs["logits"].astype(np.float32)
+
+
+def artifact_kind(path: str | os.PathLike) -> str:
+    """Which generation artifact ``path`` is: "saved_model", "onnx_decoder" or "tensorrt_decoder".
+
+    Raises:
+        SourceError: the path does not exist or is not a generation artifact.
+    """
+    from tfaccel.onnx.decoder_export import LAYOUT_FILE
+
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"{str(p)!r} does not exist. Give a generation artifact: a SavedModel from the 'generate' "
+                          "step or a decoder folder from 'onnx-decoder', 'ort-decoder-int8/int4' or 'tensorrt-decoder'.")
+    if p.is_file() and p.name in (LAYOUT_FILE, "decoder.onnx", TRT_DECODER_FILE):
+        p = p.parent
+    if (p / LAYOUT_FILE).is_file():
+        info = json.loads((p / LAYOUT_FILE).read_text())
+        if (p / TRT_DECODER_FILE).is_file():
+            return "tensorrt_decoder"
+        if (p / info.get("onnx_file", "decoder.onnx")).is_file():
+            return "onnx_decoder"
+    if (p / "saved_model.pb").is_file():
+        return "saved_model"
+    raise SourceError(f"{str(p)!r} is not a tfaccel generation artifact: expected a SavedModel with a generate_greedy "
+                      "signature (the 'generate' step) or a decoder folder with decoder.json (the 'onnx-decoder', "
+                      "'ort-decoder-int8', 'ort-decoder-int4' or 'tensorrt-decoder' steps).")
+
+
+def load_generator(path: str | os.PathLike, **kwargs) -> Generator:
+    """The generator for a generation artifact (see :func:`artifact_kind`).
+
+    Example:
+        >>> gen = load_generator("out/stages/02-onnx-decoder")  # doctest: +SKIP
+        >>> gen.generate([[464, 3290]], max_new_tokens=8).token_ids.shape  # doctest: +SKIP
+        (1, 10)
+    """
+    kind = artifact_kind(path)
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if kind == "saved_model":
+        return SavedModelGenerator(p)
+    if kind == "tensorrt_decoder":
+        return TrtDecoderGenerator(p)
+    return OnnxDecoderGenerator(p, **kwargs)
+
+
+def generate(artifact_path: str | os.PathLike, prompt_ids, max_new_tokens: int = 16,
+             stop_token_id: int = -1, padding_mask=None) -> GenerationResult:
+    """Greedy generation with any tfaccel generation artifact.
+
+    Args:
+        artifact_path: a SavedModel from ``generate``, or a decoder folder from ``onnx-decoder``,
+            ``ort-decoder-int8``, ``ort-decoder-int4`` or ``tensorrt-decoder``.
+        prompt_ids: one prompt (list of ints), several (list of lists) or a right-padded 2-D array.
+        max_new_tokens: tokens to add after each prompt.
+        stop_token_id: a row ends after emitting this id (-1: never).
+        padding_mask: for a 2-D ``prompt_ids``: 1 on real tokens.
+
+    Returns:
+        :class:`GenerationResult`: ``token_ids [batch, width + max_new_tokens]`` and ``lengths``.
+
+    Raises:
+        SourceError: the path is not a generation artifact.
+        InputMismatchError: bad prompts (empty, non-integer, outside the vocabulary, too long).
+
+    Example:
+        >>> generate("out/stages/02-onnx-decoder", [1, 2, 3], max_new_tokens=4).token_ids  # doctest: +SKIP
+        array([[1, 2, 3, 17, 17, 4, 9]], dtype=int32)
+    """
+    return load_generator(artifact_path).generate(prompt_ids, max_new_tokens, stop_token_id, padding_mask)

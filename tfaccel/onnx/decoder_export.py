@@ -1,0 +1,249 @@
+"""keras-hub CausalLM -> ONNX decoder with an explicit KV cache: one merged graph for prefill and decode.
+
+The graph is one decode step written as a ``tf.function`` around the model's own keras-hub layers,
+exported as a SavedModel into a temporary folder and converted with tf2onnx (:func:`convert_saved_model`):
+
+    inputs   input_ids        int32 [batch, new]              the new tokens (the prompt, or one token)
+             attention_mask   int32 [batch, past + new]       1 on positions a token may attend to
+             past_{i}         float [batch, 2, past, kv_heads, head_dim]   layer i's keys and values so far
+    outputs  logits           float [batch, new, vocab]
+             present_{i}      float [batch, 2, past + new, kv_heads, head_dim]
+
+Batch, ``new`` and ``past`` are dynamic. Prefill is the same graph with ``past = 0``. Positions start at
+``past`` (right-padded prompts, as keras-hub's ``generate`` uses them). With the attention mask equal to
+the padding mask and no past, ``logits`` equal the Keras model's forward pass at every position, so the
+pipeline compares the decoder with the Keras model on its usual sample inputs.
+
+Inside, each layer's cache is the past with ``new`` empty slots appended; the keras-hub layer writes the
+new keys/values into them at index ``past`` (its own ``call_with_cache`` arithmetic, including rotary
+positions and grouped KV heads), so the decoder computes what keras-hub's ``generate`` computes.
+
+The folder written holds ``decoder.onnx`` and ``decoder.json`` (the layout: layers, KV heads, head size,
+vocabulary, maximum length, dtype), which the generation runner (:mod:`tfaccel.generation`) reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tfaccel.errors import StepError
+
+DECODER_FILE = "decoder.onnx"
+LAYOUT_FILE = "decoder.json"
+LAYOUT_FORMAT = "tfaccel-onnx-decoder/1"
+
+# keras-hub CausalLM classes whose call_with_cache is "embed -> decoder layers with a per-layer cache ->
+# layer_norm -> reverse token embedding"; the value says how tokens are embedded.
+_FAMILIES = {
+    "GPT2CausalLM": "token+position",
+    "LlamaCausalLM": "token",
+    "Llama3CausalLM": "token",
+    "MistralCausalLM": "token",
+    "QwenCausalLM": "token",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLayout:
+    """What a runner needs to know to drive an exported decoder.
+
+    Attributes:
+        family: the keras-hub class name (``GPT2CausalLM``, ``LlamaCausalLM``...).
+        num_layers: decoder layers, one ``past_{i}`` / ``present_{i}`` pair each.
+        num_kv_heads: key/value heads (fewer than the query heads for grouped-query attention).
+        head_dim: size of one head.
+        vocabulary_size: logits width; prompt ids must be in ``[0, vocabulary_size)``.
+        max_length: the model's longest sequence (prompt + new tokens), None if unbounded (rotary).
+        dtype: the cache dtype (``float32``, or ``float16`` for an fp16 graph).
+    """
+
+    family: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocabulary_size: int
+    max_length: int | None
+    dtype: str = "float32"
+
+    def past_names(self) -> list[str]:
+        return [f"past_{i}" for i in range(self.num_layers)]
+
+    def present_names(self) -> list[str]:
+        return [f"present_{i}" for i in range(self.num_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": LAYOUT_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecoderLayout:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def decoder_layout(causal_lm) -> DecoderLayout:
+    """The cache layout of a supported keras-hub CausalLM.
+
+    Raises:
+        StepError: the model is not a CausalLM family this export knows.
+    """
+    family = type(causal_lm).__name__
+    if family not in _FAMILIES or not hasattr(causal_lm, "call_with_cache"):
+        raise StepError(f"The ONNX decoder export supports the keras-hub CausalLM classes {', '.join(_FAMILIES)}. "
+                        f"Received: {family}. Use the 'generate' step (SavedModel) for other models.")
+    bb = causal_lm.backbone
+    heads = getattr(bb, "num_heads", None) or bb.num_query_heads
+    kv_heads = getattr(bb, "num_key_value_heads", None) or heads
+    head_dim = getattr(bb, "head_dim", None) or bb.hidden_dim // heads
+    return DecoderLayout(family=family, num_layers=int(bb.num_layers), num_kv_heads=int(kv_heads),
+                         head_dim=int(head_dim), vocabulary_size=int(bb.vocabulary_size),
+                         max_length=getattr(bb, "max_sequence_length", None), dtype=str(causal_lm.compute_dtype))
+
+
+def make_decoder_step(causal_lm):
+    """The decode step as a function of a dict of tensors (see the module docstring), and its signature.
+
+    Returns:
+        (fn, input_signature): ``fn(inputs) -> {"logits": ..., "present_0": ..., ...}``.
+
+    Example:
+        >>> fn, sig = make_decoder_step(gpt2_causal_lm)  # doctest: +SKIP
+        >>> out = tf.function(fn, input_signature=sig)({"input_ids": ids, "attention_mask": mask, **pasts})  # doctest: +SKIP
+    """
+    import tensorflow as tf
+
+    layout = decoder_layout(causal_lm)
+    bb = causal_lm.backbone
+    dtype = tf.as_dtype(layout.dtype)
+    embed = _FAMILIES[layout.family]
+
+    def step(inputs):
+        ids = inputs["input_ids"]
+        mask = inputs["attention_mask"]
+        batch, new = tf.shape(ids)[0], tf.shape(ids)[1]
+        past_len = tf.shape(inputs["past_0"])[2]
+        total = past_len + new
+        x = bb.token_embedding(ids)
+        if embed == "token+position":
+            positions = bb.position_embedding(x, start_index=past_len)
+            x = bb.embeddings_add((x, positions))
+        # [batch, new, past + new]: which positions each new token may see (the layer adds the causal part)
+        attn = tf.broadcast_to(tf.cast(mask, tf.int32)[:, None, :], tf.stack([batch, new, total]))
+        empty = tf.zeros(tf.stack([batch, 2, new, layout.num_kv_heads, layout.head_dim]), dtype)
+        out = {}
+        for i, layer in enumerate(bb.transformer_layers):
+            cache = tf.concat([inputs[f"past_{i}"], empty], axis=2)
+            x, cache = layer(x, decoder_attention_mask=attn, self_attention_cache=cache,
+                             self_attention_cache_update_index=past_len)
+            out[f"present_{i}"] = tf.identity(cache, name=f"present_{i}")
+        x = bb.layer_norm(x)
+        out["logits"] = tf.cast(bb.token_embedding(x, reverse=True), tf.float32)
+        return out
+
+    sig = {"input_ids": tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+           "attention_mask": tf.TensorSpec([None, None], tf.int32, name="attention_mask")}
+    for name in layout.past_names():
+        sig[name] = tf.TensorSpec([None, 2, None, layout.num_kv_heads, layout.head_dim], dtype, name=name)
+    return step, [sig]
+
+
+@contextlib.contextmanager
+def _onnx_friendly_slice_update():
+    """While tracing: keras ``ops.slice_update`` as slices + concat instead of ``XlaDynamicUpdateSlice``,
+    which tf2onnx 1.17 cannot convert. keras-hub's attention layers call it with one non-zero start (the
+    cache index along the sequence axis); other calls keep the original op."""
+    import tensorflow as tf
+    from keras.src import backend
+
+    core = backend.core
+    original = core.slice_update
+
+    def slice_update(inputs, start_indices, updates):
+        moving = [a for a, s in enumerate(start_indices) if not (isinstance(s, int) and s == 0)]
+        if len(moving) != 1:
+            return original(inputs, start_indices, updates)
+        axis = moving[0]
+        inputs, updates = tf.convert_to_tensor(inputs), tf.convert_to_tensor(updates)
+        start = tf.cast(start_indices[axis], tf.int32)
+        end = start + tf.shape(updates)[axis]
+        size = tf.shape(inputs)[axis]
+        rank = len(inputs.shape)
+        begin0, begin1 = [0] * rank, [0] * rank
+        len0, len1 = [-1] * rank, [-1] * rank
+        len0[axis] = start
+        begin1[axis] = end
+        len1[axis] = size - end
+        head = tf.slice(inputs, tf.stack(begin0), tf.stack(len0))
+        tail = tf.slice(inputs, tf.stack(begin1), tf.stack(len1))
+        return tf.concat([head, tf.cast(updates, inputs.dtype), tail], axis=axis)
+
+    core.slice_update = slice_update
+    try:
+        yield
+    finally:
+        core.slice_update = original
+
+
+def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, log=None) -> DecoderLayout:
+    """Write ``folder/decoder.onnx`` and ``folder/decoder.json`` for a keras-hub CausalLM.
+
+    Args:
+        causal_lm: a keras-hub CausalLM (GPT-2, Llama, Llama 3, Mistral, Qwen).
+        folder: where to write (created if missing); the files appear only when complete.
+        opset: ONNX opset for tf2onnx.
+        log: optional progress callable.
+
+    Returns:
+        The decoder's cache layout.
+
+    Raises:
+        StepError: an unsupported model, or tf2onnx failed (the message names the ops).
+
+    Example:
+        >>> layout = export_decoder(gpt2_causal_lm, "gpt2-decoder")  # doctest: +SKIP
+        >>> layout.num_layers  # doctest: +SKIP
+        12
+    """
+    import keras
+    import tensorflow as tf
+
+    from tfaccel.onnx.onnx_convert import convert_saved_model
+
+    layout = decoder_layout(causal_lm)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    step, sig = make_decoder_step(causal_lm)
+    tmp = Path(tempfile.mkdtemp(prefix=".decoder-savedmodel-", dir=folder))
+    try:
+        with _onnx_friendly_slice_update():
+            archive = keras.export.ExportArchive()
+            archive.track(causal_lm)
+            archive.add_endpoint("serving_default", tf.function(step, input_signature=sig))
+            archive.write_out(str(tmp / "saved_model"), verbose=False)
+        if log:
+            log(f"  tf2onnx: converting the {layout.family} decode step ({layout.num_layers} layers)")
+        convert_saved_model(tmp / "saved_model", folder / DECODER_FILE, opset=opset, log=None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_layout(folder, layout)
+    return layout
+
+
+def write_layout(folder: str | os.PathLike, layout: DecoderLayout, **extra) -> None:
+    """Write ``decoder.json`` atomically (the layout plus ``extra`` facts such as the quantization)."""
+    from tfaccel.artifacts import atomic_file
+
+    with atomic_file(Path(folder) / LAYOUT_FILE) as tmp:
+        tmp.write_text(json.dumps({**layout.to_dict(), **extra}, indent=2))
+
+
+def read_layout(folder: str | os.PathLike) -> tuple[DecoderLayout, dict[str, Any]]:
+    """The layout and the whole ``decoder.json`` of a decoder folder."""
+    d = json.loads((Path(folder) / LAYOUT_FILE).read_text())
+    return DecoderLayout.from_dict(d), d
