@@ -17,6 +17,17 @@ from tfaccel.validation import Tolerance
 
 DEFAULT_OPSET = 17  # tf2onnx 1.17 is tested up to opset 18; 17 is what onnxruntime and TensorRT 10/11 take best
 
+#: tfaccel's handlers for ops tf2onnx lacks (``Erfc``: Keras 3's exact gelu), loaded in the child process
+#: before ``tf2onnx.convert.main`` runs. Loaded by path, so the child does not import tfaccel itself.
+_HANDLERS_FILE = Path(__file__).with_name("tf2onnx_handlers.py")
+_CONVERT_WITH_HANDLERS = (
+    "import runpy, sys\n"
+    "runpy.run_path(sys.argv.pop(1), run_name='tfaccel_tf2onnx_handlers')\n"
+    "sys.argv[0] = 'tf2onnx.convert'\n"
+    "from tf2onnx import convert\n"
+    "convert.main()\n"
+)
+
 
 def _unsupported_ops(log: str) -> list[str]:
     ops = set(re.findall(r"Tensorflow op \[[^\]]*: ([A-Za-z0-9_]+)\] is not supported", log))
@@ -30,6 +41,10 @@ def convert_saved_model(saved_model_dir: str | os.PathLike, output_path: str | o
                         timeout: float | None = 3600, log=None) -> str:
     """Convert a SavedModel signature to an ONNX file with tf2onnx.
 
+    tf2onnx runs in a child process with tfaccel's extra op handlers loaded first
+    (:mod:`tfaccel.onnx.tf2onnx_handlers`: ``Erfc``, the exact gelu of keras-hub DistilBERT, RoBERTa,
+    XLM-RoBERTa, DeBERTa-v3 and Falcon).
+
     Raises:
         MissingDependencyError: tf2onnx is not installed.
         StepError: the conversion failed; unsupported TensorFlow ops are named.
@@ -39,8 +54,8 @@ def convert_saved_model(saved_model_dir: str | os.PathLike, output_path: str | o
     require("tf2onnx", purpose="the onnx step")
     output_path = Path(output_path)
     with atomic_file(output_path) as tmp_out:
-        cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model_dir), "--output",
-               str(tmp_out), "--opset", str(opset), "--signature_def", signature]
+        cmd = [sys.executable, "-c", _CONVERT_WITH_HANDLERS, str(_HANDLERS_FILE), "--saved-model",
+               str(saved_model_dir), "--output", str(tmp_out), "--opset", str(opset), "--signature_def", signature]
         if log:
             log(f"  tf2onnx: converting {saved_model_dir} (opset {opset}); BERT-base takes about 2 minutes")
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
