@@ -12,6 +12,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from tfaccel.auto import optimize, optimize_auto
 from tfaccel.compat import capabilities
 from tfaccel.errors import (
     InputMismatchError,
@@ -45,4 +46,6 @@ __all__ = [
     "capabilities",
     "get_step",
     "load_source",
+    "optimize",
+    "optimize_auto",
 ]

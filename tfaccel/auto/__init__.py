@@ -1,0 +1,38 @@
+"""``tfaccel optimize MODEL --auto``: the fastest validated SavedModel for this model, machine and
+accuracy budget.
+
+- :mod:`tfaccel.auto.recipes`: THE table of candidate recipes and the capability filter.
+- :mod:`tfaccel.auto.search`: build, validate, time interleaved, rank, write the winner.
+- :mod:`tfaccel.auto.auto_report`: the ranked report (Markdown, JSON, latency-vs-accuracy PNG).
+
+Example:
+    >>> import tfaccel
+    >>> report = tfaccel.optimize("minilm-bbc", "out", max_accuracy_drop=1.0)  # doctest: +SKIP
+    >>> print(report.to_markdown())  # doctest: +SKIP
+"""
+
+from tfaccel.auto.auto_report import AutoCandidate, AutoReport
+from tfaccel.auto.recipes import (
+    RECIPES,
+    PlannedCandidate,
+    Recipe,
+    StepSpec,
+    plan_candidates,
+    recipe_table,
+)
+from tfaccel.auto.search import optimize, optimize_auto
+from tfaccel.auto.timing import time_interleaved
+
+__all__ = [
+    "RECIPES",
+    "AutoCandidate",
+    "AutoReport",
+    "PlannedCandidate",
+    "Recipe",
+    "StepSpec",
+    "optimize",
+    "optimize_auto",
+    "plan_candidates",
+    "recipe_table",
+    "time_interleaved",
+]
