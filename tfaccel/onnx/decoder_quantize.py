@@ -1,0 +1,250 @@
+"""Quantized ONNX decoders: onnxruntime dynamic int8 (MatMulInteger) and int4 weight-only (MatMulNBits).
+
+Decoding is bound by the weight bytes read per token, so smaller weights are the lever: int8 reads a
+quarter of float32's bytes, int4 an eighth (plus a scale per block).
+
+tf2onnx writes keras-hub's attention projections as ``Gemm`` (an ``EinsumDense`` reshaped to 2-D), and
+neither onnxruntime's dynamic int8 quantizer (MatMul and Conv only) nor ``MatMulNBitsQuantizer``
+(MatMul) takes Gemm. :func:`gemm_to_matmul` first rewrites every Gemm whose weight is a constant into
+``MatMul`` (+ ``Add`` for a bias), with the weight folded to a ``[in, out]`` initializer, so every
+weight matrix of the decoder is quantized. The token-embedding lookup (a Gather, one row per token)
+stays float32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tfaccel.artifacts import atomic_file
+from tfaccel.onnx.decoder_export import DECODER_FILE, read_layout, write_layout
+
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+_FOLDABLE = {"Identity", "Transpose", "Reshape", "Shape", "Gather", "ReduceProd", "Concat", "Unsqueeze", "Squeeze",
+             "Cast", "Slice", "Mul", "Add", "Sub", "Div"}
+
+
+def _constant(name: str, inits: dict, producers: dict, memo: dict):
+    """The value of ``name`` if it is an initializer or computed from initializers by shape/layout ops only
+    (tf2onnx leaves ``Reshape(weight, Concat(Shape(weight)...))`` chains in front of some Gemms)."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    if name in memo:
+        return memo[name]
+    value = None
+    if name in inits:
+        value = numpy_helper.to_array(inits[name])
+    elif (node := producers.get(name)) is not None and node.op_type in _FOLDABLE and not node.domain:
+        args = [_constant(i, inits, producers, memo) if i else None for i in node.input]
+        if all(a is not None for a, i in zip(args, node.input, strict=True) if i):
+            feeds = {i: a for i, a in zip(node.input, args, strict=True) if i}
+            outs = ReferenceEvaluator(node).run(None, feeds)
+            value = outs[list(node.output).index(name)]
+    memo[name] = value
+    return value
+
+
+def gemm_to_matmul(model):
+    """Rewrite ``Gemm(A, B[, C])`` with a constant ``B`` as ``MatMul(A, B')`` (+ ``Add(C)``), in place.
+
+    Only plain Gemms are rewritten (``transA = 0``; ``alpha``/``beta`` are folded into the weight and
+    bias). Returns the number of Gemms rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    memo: dict = {}
+    new_nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Gemm" else {}
+        w = _constant(node.input[1], inits, producers, memo) if node.op_type == "Gemm" else None
+        if w is None or attrs.get("transA", 0) != 0 or w.ndim != 2:
+            new_nodes.append(node)
+            continue
+        if attrs.get("transB", 0):
+            w = w.T
+        w = np.ascontiguousarray(w * attrs.get("alpha", 1.0), dtype=w.dtype)
+        w_name = f"{node.name}_matmul_weight"
+        graph.initializer.append(numpy_helper.from_array(w, w_name))
+        beta = attrs.get("beta", 1.0)
+        has_bias = len(node.input) > 2 and node.input[2] and beta != 0
+        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=f"{node.name}_MatMul"))
+        if has_bias:
+            bias = node.input[2]
+            if beta != 1.0:
+                c = _constant(bias, inits, producers, memo)
+                bias = f"{node.name}_bias"
+                graph.initializer.append(numpy_helper.from_array(np.asarray(c * beta, dtype=w.dtype), bias))
+            new_nodes.append(helper.make_node("Add", [mm_out, bias], [node.output[0]], name=f"{node.name}_Add"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(model)
+    return count
+
+
+def _drop_unused_initializers(model) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _prepare(src_folder, dst_folder):
+    import onnx
+
+    layout, info = read_layout(src_folder)
+    model = onnx.load(str(Path(src_folder) / info.get("onnx_file", DECODER_FILE)))
+    rewritten = gemm_to_matmul(model)
+    dst = Path(dst_folder)
+    dst.mkdir(parents=True, exist_ok=True)
+    return layout, info, model, rewritten, dst
+
+
+def _count(model, op_type: str) -> int:
+    return sum(1 for n in model.graph.node if n.op_type == op_type)
+
+
+def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
+                          per_channel: bool = True, reduce_range: bool | None = None) -> dict:
+    """An ONNX decoder folder -> onnxruntime dynamic int8 decoder folder (int8 weights, int8 activations
+    quantized per call).
+
+    Args:
+        src_folder: a decoder folder from :func:`tfaccel.onnx.decoder_export.export_decoder`.
+        dst_folder: where to write ``decoder.onnx`` + ``decoder.json``.
+        per_channel: one scale per output column of each weight.
+        reduce_range: 7-bit weights; None: on CPUs without VNNI, where onnxruntime's u8s8 products can
+            saturate their 16-bit sums (shared FACTS.md).
+
+    Returns:
+        What was done: the settings, Gemms rewritten, MatMuls quantized.
+
+    Example:
+        >>> quantize_decoder_int8("out/stages/01-onnx-decoder", "gpt2-int8")  # doctest: +SKIP
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if reduce_range is None:
+        from tfaccel.compat import capabilities
+
+        reduce_range = not capabilities().has_vnni
+    layout, _, model, rewritten, dst = _prepare(src_folder, dst_folder)
+    matmuls = _count(model, "MatMul")
+    staged = dst / ".decoder.prepared.onnx"
+    try:
+        onnx.save(model, str(staged))
+        with atomic_file(dst / DECODER_FILE) as tmp:
+            quantize_dynamic(str(staged), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             reduce_range=reduce_range, op_types_to_quantize=["MatMul"],
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        staged.unlink(missing_ok=True)
+    quantized = _count(onnx.load(str(dst / DECODER_FILE), load_external_data=False), "MatMulInteger")
+    info = {"quantization": "ort-dynamic-int8", "per_channel": per_channel, "reduce_range": bool(reduce_range),
+            "gemm_rewritten": rewritten, "matmuls": matmuls, "matmuls_quantized": quantized}
+    write_layout(dst, layout, **info)
+    return info
+
+
+def matmul_to_nbits(model, *, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4) -> int:
+    """Replace every ``MatMul`` with a 2-D constant weight by ``com.microsoft.MatMulNBits`` (4 bits), in place.
+
+    The weights are packed by onnxruntime's own kernel (``quantize_matmul_4bits``, what
+    ``MatMulNBitsQuantizer`` calls); this avoids the quantizer's extra dependency (``onnx_ir``), which
+    onnxruntime 1.32 does not install. Returns the number of MatMuls replaced.
+    """
+    from onnx import helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.dtype != np.float32:
+            new_nodes.append(node)
+            continue
+        rows, cols = w.shape
+        k_blocks = (rows + block_size - 1) // block_size
+        padded = np.pad(w, ((0, k_blocks * block_size - rows), (0, 0))) if k_blocks * block_size != rows else w
+        packed = np.zeros((cols, k_blocks, block_size // 2), dtype=np.uint8)
+        zero_points = np.zeros((cols, (k_blocks + 1) // 2), dtype=np.uint8)
+        scales = np.zeros((cols, k_blocks), dtype=np.float32)
+        quantize_matmul_4bits(packed, np.ascontiguousarray(padded), scales, zero_points, block_size, cols, rows,
+                              symmetric)
+        base = f"{node.input[1]}_{count}"
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q4"),
+                                  numpy_helper.from_array(scales, f"{base}_scales")])
+        inputs = [node.input[0], f"{base}_Q4", f"{base}_scales"]
+        if not symmetric:
+            graph.initializer.append(numpy_helper.from_array(zero_points, f"{base}_zero_points"))
+            inputs.append(f"{base}_zero_points")
+        attrs = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q4",
+                                          domain="com.microsoft", **attrs))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(model)
+    return count
+
+
+def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
+                          block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4) -> dict:
+    """An ONNX decoder folder -> int4 weight-only decoder (``MatMulNBits``: 4-bit weights in blocks of
+    ``block_size`` input rows, one scale per block).
+
+    Args:
+        src_folder, dst_folder: as for :func:`quantize_decoder_int8`.
+        block_size: rows per quantization block, a power of two from 16 to 256 (smaller: more accurate,
+            more scales).
+        symmetric: symmetric 4-bit blocks (no zero points).
+        accuracy_level: MatMulNBits' compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+            (fastest on x86 CPUs).
+
+    Example:
+        >>> quantize_decoder_int4("out/stages/01-onnx-decoder", "gpt2-int4", block_size=32)  # doctest: +SKIP
+    """
+    import onnx
+
+    if block_size not in INT4_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {INT4_BLOCK_SIZES}. Received: block_size={block_size!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be 0-4. Received: accuracy_level={accuracy_level!r}")
+    layout, _, model, rewritten, dst = _prepare(src_folder, dst_folder)
+    matmuls = _count(model, "MatMul")
+    quantized = matmul_to_nbits(model, block_size=block_size, symmetric=bool(symmetric),
+                                accuracy_level=accuracy_level)
+    with atomic_file(dst / DECODER_FILE) as tmp:
+        onnx.save(model, str(tmp))
+    info = {"quantization": "int4-weight-only", "block_size": block_size, "symmetric": bool(symmetric),
+            "accuracy_level": accuracy_level, "gemm_rewritten": rewritten, "matmuls": matmuls,
+            "matmuls_quantized": quantized}
+    write_layout(dst, layout, **info)
+    return info
+
+
+def copy_decoder(src_folder: str | os.PathLike, dst_folder: str | os.PathLike) -> None:
+    """Copy a decoder folder's two files (for a stage that keeps the float graph)."""
+    dst = Path(dst_folder)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (DECODER_FILE, "decoder.json"):
+        shutil.copy2(Path(src_folder) / name, dst / name)
