@@ -72,19 +72,54 @@ def _parse_step_options(values):
     return out
 
 
+#: Steps whose int8 calibration reads --calibration-data.
+_CALIBRATING_STEPS = ("tftrt", "tensorrt")
+
+
+def _data_options(args, names: list[str], options: dict[str, dict]) -> str | None:
+    """Check the data-file options against --steps; give --train-data to prune-structured as data=.
+    Returns the eval file (--eval-data or --eval-texts)."""
+    from tfaccel.eval_data import NPZ_SUFFIXES, TEXT_SUFFIXES
+    from tfaccel.pipeline import parse_step_spec
+
+    if args.eval_data and args.eval_texts:
+        raise ValueError("Pass either --eval-data (an .npz) or --eval-texts (a .csv / .jsonl), not both.")
+    if args.eval_data and args.eval_data.lower().endswith(TEXT_SUFFIXES):
+        raise ValueError(f"--eval-data takes an .npz of model inputs plus 'labels'; for texts ({args.eval_data!r}) "
+                         "use --eval-texts.")
+    if args.eval_texts and args.eval_texts.lower().endswith(NPZ_SUFFIXES):
+        raise ValueError(f"--eval-texts takes a .csv or .jsonl of texts; for an .npz ({args.eval_texts!r}) use "
+                         "--eval-data.")
+    bases = [parse_step_spec(n)[0] for n in names]
+    if args.calibration_data and not set(bases) & set(_CALIBRATING_STEPS):
+        raise ValueError(f"--calibration-data is read by the int8 calibration of {', '.join(_CALIBRATING_STEPS)}; "
+                         "none of them is in --steps.")
+    if args.train_data:
+        pruning = [n for n, b in zip(names, bases, strict=True) if b == "prune-structured"]
+        if not pruning:
+            raise ValueError("--train-data is prune-structured's fine-tuning data; add prune-structured to --steps.")
+        if any("data" in options.get(k, {}) for k in ("prune-structured", *pruning)):
+            raise ValueError("Pass the fine-tuning data once: --train-data or --set prune-structured.data=..., not both.")
+        options.setdefault("prune-structured", {})["data"] = args.train_data
+    return args.eval_data or args.eval_texts
+
+
+
 def cmd_optimize(args) -> int:
-    from tfaccel.pipeline import Pipeline
+    from tfaccel.pipeline import Pipeline, parse_step_spec, step_from_spec
     from tfaccel.sources import load_source
-    from tfaccel.steps import get_step
 
     names = [s.strip() for s in args.steps.split(",") if s.strip()]
     options = _parse_step_options(args.set)
-    unknown = set(options) - set(names)
+    # --set STEP.OPTION applies to every STEP in --steps, STEP@FROM ones included; --set STEP@FROM.OPTION
+    # only to that one (and wins over STEP.OPTION).
+    unknown = set(options) - set(names) - {parse_step_spec(n)[0] for n in names}
     if unknown:
         raise ValueError(f"--set names steps that are not in --steps: {sorted(unknown)}")
-    steps = [get_step(n, **options.get(n, {})) for n in names]
+    eval_file = _data_options(args, names, options)
+    steps = [step_from_spec(n, **{**options.get(parse_step_spec(n)[0], {}), **options.get(n, {})}) for n in names]
     source = load_source(args.model, task=args.task, num_classes=args.num_classes, sample_inputs=args.inputs,
-                         progress=_log)
+                         progress=_log, eval_data=eval_file, calibration_data=args.calibration_data)
     shapes = _parse_shapes(args.shape) or [(1, source.default_seq)]
     pipe = Pipeline(steps, shapes=shapes, runs=args.runs, warmup=args.warmup, on_breach=args.on_breach,
                     measure=not args.no_measure, log=_log)
@@ -175,13 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("optimize", help="apply steps, validate and measure each, write stages and a report")
     model_args(o)
-    o.add_argument("--steps", required=True, help="comma-separated steps, e.g. export,onnx,ort-int8")
+    o.add_argument("--steps", required=True,
+                   help="comma-separated steps, e.g. export,onnx,ort-int8; STEP@FROM starts a step from an earlier "
+                        "step's artifact (litert-dynamic@export) or the model (@reference)")
     o.add_argument("--out", required=True, help="output folder (created only if the run succeeds)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing --out (only on success)")
     o.add_argument("--on-breach", choices=["fail", "warn", "skip"], default="fail",
                    help="when a stage breaches its tolerance: fail (default), warn (keep, flag), skip (drop)")
     o.add_argument("--inputs", help=".npz of sample inputs to validate on (one array per input name)")
-    o.add_argument("--set", action="append", metavar="STEP.OPTION=VALUE", help="step option, e.g. onnx.opset=17")
+    o.add_argument("--set", action="append", metavar="STEP.OPTION=VALUE",
+                   help="step option, e.g. onnx.opset=17 (applies to STEP@FROM steps too)")
+    o.add_argument("--eval-data", metavar="FILE.npz",
+                   help="your labelled eval data: one array per model input plus 'labels'; every stage's accuracy "
+                        "is measured on it and each step's accuracy budget applies")
+    o.add_argument("--eval-texts", metavar="FILE.csv|FILE.jsonl",
+                   help="your labelled texts ('text', 'label'), tokenized with the model's tokenizer (preset / "
+                        "Hugging Face folder); used like --eval-data")
+    o.add_argument("--calibration-data", metavar="FILE",
+                   help="int8 calibration data for tftrt / tensorrt (.npz of inputs, or .csv / .jsonl texts)")
+    o.add_argument("--train-data", metavar="FILE",
+                   help="prune-structured's fine-tuning data (.npz of inputs with optional 'labels', or texts)")
     o.add_argument("--no-measure", action="store_true", help="validate only, skip latency measurement")
     o.set_defaults(func=cmd_optimize)
 

@@ -139,6 +139,11 @@ def load_data_file(path: str | os.PathLike, source, *, what: str = "eval data", 
 
 
 def _read_npz(p: Path, name: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    if not zipfile.is_zipfile(p):
+        raise DataFileError(
+            f"{name} is not a readable .npz (not a zip archive of arrays: a truncated file, or another format "
+            "renamed). Write it with np.savez(path, labels=y, **inputs)."
+        )
     try:
         with np.load(p, allow_pickle=False) as data:
             if not hasattr(data, "files"):

@@ -64,6 +64,12 @@ class Step(abc.ABC):
     default_tolerance: ClassVar[Tolerance] = Tolerance()
     #: True for side artifacts (ONNX...) that do not become the final SavedModel.
     side_artifact: ClassVar[bool] = False
+    #: True if the SavedModel this step gives holds quantized weights/ops that conversions (onnx,
+    #: litert-dynamic) cannot take; artifacts recording ``info["quantization"]`` (int8, int4) count too.
+    quantized_output: ClassVar[bool] = False
+    #: The earlier stage this step starts from (``STEP@FROM``: a step name or "reference"); None
+    #: takes the default input (see :class:`Pipeline`).
+    start_from: str | None = None
 
     def __init__(self, tolerance: Tolerance | None = None, on_breach: str | None = None):
         if on_breach is not None and on_breach not in BREACH_POLICIES:
@@ -88,6 +94,12 @@ class Step(abc.ABC):
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "tolerance": self.tolerance.get_config(), "on_breach": self.on_breach, **self.params()}
 
+    @property
+    def spec(self) -> str:
+        """The step as written in ``--steps``: ``name`` or ``name@from``."""
+        return f"{self.name}@{self.start_from}" if self.start_from else self.name
+
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params()})"
 
@@ -96,11 +108,63 @@ def _default_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def parse_step_spec(spec: str) -> tuple[str, str | None]:
+    """Split ``"litert-dynamic@export"`` into ``("litert-dynamic", "export")``; ``"onnx"`` gives ``("onnx", None)``.
+
+    Raises:
+        PlanError: an empty name or an empty FROM (``"onnx@"``), or more than one ``@``.
+    """
+    name, sep, start = spec.strip().partition("@")
+    name, start = name.strip(), start.strip()
+    if not name or (sep and (not start or "@" in start)):
+        raise PlanError(
+            f"Bad step {spec!r}: write STEP or STEP@FROM, where FROM is an earlier step's name or 'reference' "
+            "(e.g. litert-dynamic@export)."
+        )
+    return name, (start if sep else None)
+
+
+def step_from_spec(spec: str, **options: Any) -> Step:
+    """A step object from ``"name"`` or ``"name@from"`` (see :func:`tfaccel.get_step` for ``options``).
+
+    Example:
+        >>> step_from_spec("litert-dynamic@export").start_from
+        'export'
+    """
+    from tfaccel.steps import get_step
+
+    name, start = parse_step_spec(spec)
+    step = get_step(name, **options)
+    step.start_from = start
+    return step
+
+
+def _is_quantized(step: Step, artifact: Artifact) -> bool:
+    return step.quantized_output or bool(artifact.info.get("quantization"))
+
+
 class Pipeline:
     """Apply steps in order to a model source and write the stages and a report.
 
+    Each step starts from the artifact of the kind it consumes that the latest stage before it gave
+    (the model as it came in, for the first): a Keras step from the latest Keras model, ``ort-int8``
+    from the latest ONNX model. Two rules make branches:
+
+    - ``STEP@FROM`` (a step name such as ``"litert-dynamic@export"``, or ``Step.start_from``) starts
+      from the artifact of the latest step named FROM before it, or of the reference
+      (``@reference``). FROM must come earlier and give the kind STEP consumes, else :meth:`plan`
+      raises a PlanError before any work.
+    - Without ``@``, a side-artifact step that converts a SavedModel (``onnx``, ``litert-dynamic``)
+      starts from the latest *float* SavedModel: one not from a quantizing step (``int8``, ``int4``),
+      so ``export,onnx,ort-int8,int8,litert-dynamic`` converts export's SavedModel, not the int8 one.
+      Only when no float SavedModel exists does it take the latest (quantized) one; write
+      ``onnx@int8`` to convert the int8 SavedModel on purpose.
+
+    Every stage in the report records its ``parent`` (the stage index it started from; report.md
+    draws the tree).
+
     Args:
-        steps: Step objects or step names (see :func:`tfaccel.available_steps`).
+        steps: Step objects or step names, ``"name"`` or ``"name@from"`` (see :func:`tfaccel.available_steps`).
         shapes: (batch, sequence length) pairs to measure latency at.
         runs, warmup: timed and warm-up calls per shape.
         on_breach: default policy when a stage breaches its tolerance: "fail", "warn" or "skip".
@@ -123,13 +187,11 @@ class Pipeline:
         max_seconds_per_shape: float = 60.0,
         log: Callable[[str], None] | None = None,
     ):
-        from tfaccel.steps import get_step
-
         if on_breach not in BREACH_POLICIES:
             raise ValueError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
         if not steps:
             raise PlanError("No steps given. Pass at least one step, e.g. steps=['export'].")
-        self.steps = [get_step(s) if isinstance(s, str) else s for s in steps]
+        self.steps = [step_from_spec(s) if isinstance(s, str) else s for s in steps]
         self.shapes = [tuple(s) for s in shapes]
         self.runs, self.warmup = runs, warmup
         self.on_breach = on_breach
@@ -152,8 +214,9 @@ class Pipeline:
                 )
         have = {source.kind}
         latest_model_kind = source.kind
+        start_index = self.start_indices(source)
         for i, step in enumerate(self.steps, 1):
-            if step.consumes not in have:
+            if i not in start_index and step.consumes not in have:  # STEP@FROM was checked by start_indices
                 fix = {"saved_model": "add 'export' before it", "onnx": "add 'onnx' before it",
                        "keras": "start from a Keras model (.keras file, preset folder or example name)"}
                 raise PlanError(
@@ -169,6 +232,39 @@ class Pipeline:
         if latest_model_kind == "keras":
             steps.append(get_step("export"))
         return steps
+
+    def start_indices(self, source: ModelSource) -> dict[int, int]:
+        """For each ``STEP@FROM`` step (1-based position): the position of the stage it starts from
+        (0 = the reference). Raises PlanError naming the step and what it could start from when FROM
+        is not an earlier step or gives the wrong kind of artifact."""
+        out: dict[int, int] = {}
+        names = [("reference", source.kind)] + [(s.name, s.produces) for s in self.steps]
+        for i, step in enumerate(self.steps, 1):
+            if not step.start_from:
+                continue
+            earlier = [(j, n, k) for j, (n, k) in enumerate(names[:i])]
+            match = [j for j, n, _ in earlier if n == step.start_from]
+            if not match:
+                later = [j for j, (n, _) in enumerate(names) if j > i and n == step.start_from]
+                where = (f"'{step.start_from}' is step {later[0]}, after it" if later
+                         else f"there is no step '{step.start_from}' in the list")
+                avail = ", ".join(f"{n} ({KIND_NAMES[k]})" for _, n, k in earlier)
+                raise PlanError(
+                    f"Step {i} '{step.spec}' starts from '{step.start_from}', but {where}. FROM must name an earlier "
+                    f"step or 'reference'; before step {i} there are: {avail}."
+                )
+            j = match[-1]
+            kind = names[j][1]
+            if kind != step.consumes:
+                fits = [f"{n}" + (f" (step {jj})" if jj else "") for jj, n, k in earlier if k == step.consumes]
+                raise PlanError(
+                    f"Step {i} '{step.spec}' starts from '{step.start_from}'" + (f" (step {j})" if j else "")
+                    + f", which gives a {KIND_NAMES[kind]}; '{step.name}' needs a {KIND_NAMES[step.consumes]}. "
+                    + (f"Stages before it that give one: {', '.join(fits)}." if fits
+                       else f"No stage before it gives a {KIND_NAMES[step.consumes]}.")
+                )
+            out[i] = j
+        return out
 
     # ----------------------------------------------------------------------------------------------
     def run(self, source: ModelSource, out_dir: str | os.PathLike, overwrite: bool = False) -> Report:
@@ -201,7 +297,9 @@ class Pipeline:
         t_run = time.perf_counter()
         caps = capabilities()
         report = Report(
-            source=source.name, source_description=source.description, task=source.task,
+            source=source.name, task=source.task,
+            source_description=" ".join([source.description.strip()] + [  # the user's data files, if any
+                f"{what.capitalize()} data: {desc}." for what, desc in source.data_files.items()]).strip(),
             shapes=[list(s) for s in self.shapes], capabilities=caps.to_dict(),
         )
         reference = Artifact(kind=source.kind, path=source.path if source.kind != "keras" else None,
@@ -223,24 +321,39 @@ class Pipeline:
         del ref_runner
 
         latest: dict[str, Artifact] = {source.kind: reference}
+        # The latest float (not quantized) SavedModel: where onnx / litert-dynamic start by default.
+        latest_float: Artifact | None = reference if source.kind == "saved_model" else None
+        done: dict[int, Artifact] = {0: reference}  # stage index -> artifact, for the stages that were kept
+        index_of = {id(reference): 0}
         outputs_of = {id(reference): (ref_out, ref_acc)}  # artifact -> (sample outputs, accuracy)
         final_saved_model: Path | None = source.path and Path(source.path) if source.kind == "saved_model" else None
+        start_index = self.start_indices(source)
         for i, step in enumerate(steps, 1):
-            label = f"[{i}/{len(steps)}] {step.name}"
+            label = f"[{i}/{len(steps)}] {step.spec}"
             self.log(f"{label}: {KIND_NAMES[step.consumes]} -> {KIND_NAMES[step.produces]}")
-            if step.consumes not in latest:  # the stage that would have made its input was skipped
+            if i in start_index:
+                parent = done.get(start_index[i])
+            elif step.side_artifact and step.consumes == "saved_model" and latest_float is not None:
+                parent = latest_float
+            else:
+                parent = latest.get(step.consumes)
+            if parent is None:  # the stage that would have made its input was skipped
                 self.log(f"  skipped: no {KIND_NAMES[step.consumes]} (the stage producing it was skipped)")
                 report.stages.append(StageResult(
                     index=i, step=step.name, kind=step.produces, path=None, params=step.params(), status="skipped",
-                    notes=[f"not run: its input ({KIND_NAMES[step.consumes]}) was skipped"]))
+                    notes=[f"not run: its input ({KIND_NAMES[step.consumes]}) was skipped"],
+                    parent=start_index.get(i)))
                 continue
+            parent_index = index_of[id(parent)]
+            if parent_index != i - 1:
+                self.log(f"  starts from stage {parent_index} ({report.stages[parent_index].step})")
             stage_name = f"{i:02d}-{step.name}"
             partial = work / "stages" / f".{stage_name}.partial"
             partial.mkdir(parents=True)
             ctx = StepContext(source=source, stage_dir=partial, log=self.log)
             t0 = time.perf_counter()
             try:
-                artifact = step.apply(latest[step.consumes], ctx)
+                artifact = step.apply(parent, ctx)
             except TfaccelError:
                 raise
             except Exception as exc:
@@ -255,9 +368,9 @@ class Pipeline:
             stage = StageResult(index=i, step=step.name, kind=artifact.kind,
                                 path=str(final_dir.relative_to(work)) if artifact.path else None,
                                 params=step.params(), build_seconds=seconds, size_bytes=artifact.size_bytes(),
-                                tolerance=step.tolerance.get_config(), notes=ctx.notes)
+                                tolerance=step.tolerance.get_config(), notes=ctx.notes, parent=parent_index)
             policy = step.on_breach or self.on_breach
-            in_out, in_acc = outputs_of[id(latest[step.consumes])]
+            in_out, in_acc = outputs_of[id(parent)]
             with PeakRSS() as mem:
                 runner = artifact.runner()
                 out = runner(source.sample_inputs)
@@ -283,7 +396,8 @@ class Pipeline:
             stage.step_comparison = own.to_dict()
             if breaches:
                 msg = (f"Stage '{step.name}' breached its tolerance (against its input, "
-                       f"{'the reference' if latest[step.consumes] is reference else 'the stage before'}): "
+                       + ("the reference" if parent is reference else "the stage before" if parent_index == i - 1
+                          else f"stage {parent_index} '{report.stages[parent_index].step}'") + "): "
                        + "; ".join(breaches))
                 if policy == "fail":
                     raise ValidationError(
@@ -302,7 +416,12 @@ class Pipeline:
                 stage.status = "breach"
             report.stages.append(stage)
             latest[artifact.kind] = artifact
+            if artifact.kind == "saved_model" and not _is_quantized(step, artifact):
+                latest_float = artifact
+            done[i] = artifact
+            index_of[id(artifact)] = i
             outputs_of[id(artifact)] = (out, acc)
+
             if artifact.kind == "saved_model" and not step.side_artifact:
                 final_saved_model = final_dir
         if final_saved_model is not None and final_saved_model.is_relative_to(work):

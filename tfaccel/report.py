@@ -27,6 +27,7 @@ class StageResult:
     status: str = "ok"  # ok | breach (kept, flagged) | skipped
     breaches: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    parent: int | None = None  # index of the stage this one started from (0 = reference; None for the reference)
 
     def latency(self, batch: int, seq: int) -> dict[str, Any] | None:
         for m in self.measurements:
@@ -93,6 +94,28 @@ class Report:
         (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
         (folder / "report.md").write_text(self.to_markdown())
 
+    def _tree_markdown(self) -> list[str]:
+        """The stage tree: each stage under the stage it started from. Only drawn when some stage does
+        not simply continue from the one before it (a branch)."""
+        if all(st.parent is None or st.parent == st.index - 1 for st in self.stages):
+            return []
+        children: dict[int | None, list[StageResult]] = {}
+        for st in self.stages[1:]:
+            children.setdefault(st.parent, []).append(st)
+        lines = ["", "## Stage tree", "",
+                 "Each stage sits under the stage it started from (`STEP@FROM` in --steps picks one).", ""]
+
+        def walk(st: StageResult, depth: int) -> None:
+            status = "" if st.status == "ok" else f", {st.status}"
+            lines.append(f"{'  ' * depth}- {st.index} {st.step} ({st.kind}{status})")
+            for child in children.get(st.index, []):
+                walk(child, depth + 1)
+
+        walk(self.reference, 0)
+        for st in children.get(None, []):  # stages with no known parent (their input was skipped)
+            walk(st, 0)
+        return lines
+
     def to_markdown(self) -> str:
         ref = self.reference
         shapes = [tuple(s) for s in self.shapes]
@@ -141,6 +164,7 @@ class Report:
             "its input stage; report.json has both comparisons. Cosine is the lowest per-sample cosine similarity over the sample inputs; "
             "peak mem is the growth of this process's resident memory while loading and timing the stage."
         )
+        lines += self._tree_markdown()
         notes = [(st, n) for st in self.stages for n in st.notes]
         notes += [(st, f"{k}: {v}") for st in self.stages for k, v in (st.runner_stats or {}).items()]
         notes += [(st, f"breached its tolerance ({st.status}): {b}") for st in self.stages for b in st.breaches]
