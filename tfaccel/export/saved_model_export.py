@@ -2,8 +2,9 @@
 
 The ``serving_default`` signature takes the model's inputs by name (e.g. ``token_ids``,
 ``segment_ids``, ``padding_mask``) with dynamic batch and sequence dimensions, and returns the model's
-outputs by name (e.g. ``logits``, or ``sequence_output`` and ``pooled_output``). It is written with
-``keras.export.ExportArchive``, which ``saved_model_cli run`` and TF Serving can load.
+outputs by name (e.g. ``logits``, or ``sequence_output`` and ``pooled_output``). It is written by
+:func:`tfaccel.saved_model.write_saved_model` (``keras.export.ExportArchive``, which ``saved_model_cli run``
+and TF Serving can load), each weight stored once.
 """
 
 from __future__ import annotations
@@ -13,33 +14,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tfaccel.artifacts import Artifact, normalize_outputs, output_names_of, serving_signature
+from tfaccel.artifacts import Artifact
 from tfaccel.pipeline import Step, StepContext
-from tfaccel.sources import input_specs_of_keras
+from tfaccel.saved_model import write_saved_model
 from tfaccel.validation import Tolerance
 
-
-def write_saved_model(model, folder: str | os.PathLike, *, jit_compile: bool = False,
-                      signature_name: str = "serving_default") -> None:
-    """Write ``model`` as a SavedModel into ``folder`` (which must be empty or absent)."""
-    import keras
-    import tensorflow as tf
-
-    specs, dict_inputs = input_specs_of_keras(model)
-    names = output_names_of(model)
-    first = specs[0].name
-
-    def serve(inputs):
-        x = inputs if dict_inputs else inputs[first]
-        return normalize_outputs(model(x, training=False), names)
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    # A tf.function with jit_compile set, passed to add_endpoint, keeps the XLA attribute in the
-    # SavedModel (add_endpoint's own jit_compile argument does not survive a reload; shared FACTS.md).
-    fn = tf.function(serve, input_signature=[serving_signature(specs)], jit_compile=jit_compile or None)
-    archive.add_endpoint(signature_name, fn)
-    archive.write_out(str(folder), verbose=False)
+# write_saved_model lives in tfaccel.saved_model; re-exported so callers of the old place keep working.
+__all__ = ["ExportStep", "export_saved_model", "write_saved_model"]
 
 
 def export_saved_model(model, path: str | os.PathLike, *, jit_compile: bool = False, overwrite: bool = False) -> str:

@@ -108,7 +108,7 @@ class _KerasQuantizeStep(Step):
         """Hook for subclasses: settle the kernel form before the model is written."""
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
-        from tfaccel.export.saved_model_export import write_saved_model
+        from tfaccel.saved_model import write_saved_model
 
         self._resolve_kernel(ctx)
         ctx.log(f"  Keras {self.mode} quantization of the selected layers")

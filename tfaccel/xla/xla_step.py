@@ -1,4 +1,5 @@
-"""Pipeline step `xla`: Keras model -> SavedModel with an XLA-compiled, bucketed serving function."""
+"""Pipeline step `xla`: Keras model -> SavedModel with an XLA-compiled, bucketed serving function; or
+SavedModel -> SavedModel with every signature XLA-compiled."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tfaccel.xla.xla_export import (
     bucket_for,
     validate_buckets,
     write_xla_saved_model,
+    write_xla_saved_model_from_saved_model,
 )
 
 
@@ -43,6 +45,10 @@ class XlaArtifact(Artifact):
 class XlaStep(Step):
     """Keras model -> SavedModel whose serving function is XLA-compiled (survives reload; TF Serving ok).
 
+    From a SavedModel source (one tfaccel did not make, e.g. ``tfaccel optimize path/to/saved_model
+    --steps xla``) it consumes the SavedModel instead: every signature is XLA-compiled, variables kept,
+    compiled per exact input shape (a SavedModel does not record its maximum sequence length).
+
     Args:
         buckets: sequence lengths to pad inputs to, so XLA compiles once per bucket and batch size rather
             than per length; None to compile per exact shape (and for models without token inputs).
@@ -68,7 +74,14 @@ class XlaStep(Step):
     def params(self):
         return {"buckets": list(self.buckets) if self.buckets else None, "jit_compile": True}
 
+    def consumes_for(self, source) -> str:
+        """The artifact kind this step takes for ``source``: the SavedModel itself for a SavedModel source
+        (no Keras model exists in that pipeline), the Keras model otherwise. Read by ``Pipeline.plan``."""
+        return "saved_model" if source.kind == "saved_model" else "keras"
+
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+        if artifact.kind == "saved_model":
+            return self._apply_saved_model(artifact, ctx)
         token_model = all(s.is_token_input for s in ctx.source.input_specs)
         buckets = self.buckets if token_model else None
         if self.buckets and not token_model:
@@ -82,5 +95,14 @@ class XlaStep(Step):
         if info["buckets"]:
             ctx.note(f"sequence lengths are padded to buckets {info['buckets']}; one XLA compilation per "
                      "(batch, bucket), paid on the first call of each")
+        return XlaArtifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names,
+                           info=info)
+
+    def _apply_saved_model(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+        ctx.log("  writing SavedModel with every signature XLA-compiled")
+        info = write_xla_saved_model_from_saved_model(artifact.path, ctx.stage_dir)
+        ctx.note(f"SavedModel source: signatures {info['signatures']} XLA-compiled over the loaded functions, "
+                 "variables kept; compiled per exact input shape (no sequence buckets: a SavedModel does not "
+                 "record its maximum sequence length)")
         return XlaArtifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names,
                            info=info)
