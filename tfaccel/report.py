@@ -28,6 +28,8 @@ class StageResult:
     breaches: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     parent: int | None = None  # index of the stage this one started from (0 = reference; None for the reference)
+    load_rss_bytes: int | None = None  # RSS a fresh process gains loading this SavedModel + one call
+    stored_values: int | None = None  # values in the SavedModel's variables checkpoint
 
     def latency(self, batch: int, seq: int) -> dict[str, Any] | None:
         for m in self.measurements:
@@ -58,6 +60,8 @@ class Report:
     final_saved_model: str | None = None  # relative to out_dir unless absolute
     total_seconds: float = 0.0
     out_dir: str | None = None
+    # a plain Keras model.export of the reference: size_bytes, load_rss_bytes, stored_values (Keras sources)
+    model_export: dict[str, Any] | None = None
 
     @property
     def reference(self) -> StageResult:
@@ -86,6 +90,7 @@ class Report:
             "final_saved_model": self.final_saved_model,
             "total_seconds": self.total_seconds,
             "capabilities": self.capabilities,
+            "model_export": self.model_export,
             "stages": [s.to_dict() for s in self.stages],
         }
 
@@ -114,6 +119,32 @@ class Report:
         walk(self.reference, 0)
         for st in children.get(None, []):  # stages with no known parent (their input was skipped)
             walk(st, 0)
+        return lines
+
+    def _footprint_markdown(self) -> list[str]:
+        """Size and resident memory after loading of every SavedModel stage, against ``model.export``."""
+        rows = [st for st in self.stages if st.load_rss_bytes is not None]
+        if not rows:
+            return []
+        base = self.model_export or {}
+        lines = ["", "## SavedModel size and memory after loading", "",
+                 "| # | stage | size MB | size vs model.export | stored values | RSS after load MB "
+                 "| RSS vs model.export |", "|---|---|---|---|---|---|---|"]
+        if base:
+            lines.append(f"| - | model.export | {base['size_bytes'] / 1e6:.1f} | 1.00x | {base['stored_values']} | "
+                         f"{base['load_rss_bytes'] / 1e6:.0f} | 1.00x |")
+
+        def ratio(v, b):
+            return f"{v / b:.2f}x" if b else "-"
+
+        for st in rows:
+            lines.append(f"| {st.index} | {st.step} | {st.size_bytes / 1e6:.1f} | "
+                         f"{ratio(st.size_bytes, base.get('size_bytes'))} | {st.stored_values} | "
+                         f"{st.load_rss_bytes / 1e6:.0f} | {ratio(st.load_rss_bytes, base.get('load_rss_bytes'))} |")
+        lines += ["", "RSS after load: how much a fresh process's resident memory grows loading the SavedModel and "
+                  "running serving_default once (XLA stages include the compiler's memory). model.export: "
+                  "`model.export(path, format=\"tf_saved_model\")` of the reference, which stores every weight twice "
+                  "(keras-team/keras#23553)."]
         return lines
 
     def to_markdown(self) -> str:
@@ -165,6 +196,7 @@ class Report:
             "peak mem is the growth of this process's resident memory while loading and timing the stage."
         )
         lines += self._tree_markdown()
+        lines += self._footprint_markdown()
         notes = [(st, n) for st in self.stages for n in st.notes]
         notes += [(st, f"{k}: {v}") for st in self.stages for k, v in (st.runner_stats or {}).items()]
         notes += [(st, f"breached its tolerance ({st.status}): {b}") for st in self.stages for b in st.breaches]
