@@ -205,6 +205,9 @@ class Pipeline:
         Keras model would otherwise not reach a SavedModel. Raises PlanError before any work."""
         from tfaccel.steps import get_step
 
+        for step in self.steps:  # a step taking several artifact kinds (xla) picks the one this source gives
+            if hasattr(step, "consumes_for"):
+                step.consumes = step.consumes_for(source)
         limit = source.max_sequence_length
         for batch, seq in self.shapes:
             if limit and seq > limit:
@@ -429,6 +432,10 @@ class Pipeline:
             report.final_saved_model = "saved_model"
         elif final_saved_model is not None:  # the source itself was a SavedModel and no step replaced it
             report.final_saved_model = str(final_saved_model)
+        if self.measure:  # every SavedModel's size and memory after loading, against model.export
+            from tfaccel.saved_model import add_load_footprints
+
+            add_load_footprints(report, source, work, log=self.log)
         report.total_seconds = time.perf_counter() - t_run
         return report
 
