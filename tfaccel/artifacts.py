@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("keras", "saved_model", "onnx", "tensorrt", "tflite")
+KINDS = ("keras", "saved_model", "onnx", "tensorrt", "tflite", "onnx_decoder", "tensorrt_decoder")
 KIND_NAMES = {"keras": "Keras model", "saved_model": "SavedModel", "onnx": "ONNX model",
-              "tensorrt": "TensorRT engine", "tflite": "LiteRT model"}
+              "tensorrt": "TensorRT engine", "tflite": "LiteRT model",
+              "onnx_decoder": "ONNX KV-cache decoder", "tensorrt_decoder": "TensorRT KV-cache decoder"}
 
 
 def output_names_of(model) -> list[str] | None:
@@ -111,6 +112,10 @@ class Artifact:
             from tfaccel.quantization.litert import LiteRTRunner
 
             return LiteRTRunner(self.path)
+        if self.kind in ("onnx_decoder", "tensorrt_decoder"):
+            from tfaccel.generation.generators import DecoderLogitsRunner
+
+            return DecoderLogitsRunner(self.path)
         raise ValueError(f"Unknown artifact kind {self.kind!r}; expected one of {KINDS}")
 
 
@@ -157,14 +162,24 @@ class SavedModelRunner:
 
 
 class OnnxRunner:
-    """Runs an ONNX file with onnxruntime on the CPU (all cores)."""
+    """Runs an ONNX file with onnxruntime on the CPU (all cores).
 
-    def __init__(self, path: str):
+    Args:
+        path: the .onnx file.
+        fuse_qdq: let onnxruntime fuse QuantizeLinear/DequantizeLinear groups into its int8 kernels
+            (default). False runs them as written (float DequantizeLinear -> MatMul): the exact int8
+            products, for checking a Q/DQ graph on CPUs whose fused kernels saturate
+            (:meth:`tfaccel.compat.Capabilities.ort_qdq_fused`).
+    """
+
+    def __init__(self, path: str, fuse_qdq: bool = True):
         from tfaccel.compat import require
 
         ort = require("onnxruntime", purpose="running ONNX artifacts")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not fuse_qdq:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -10,7 +10,9 @@ from tfaccel.errors import PlanError
 
 def _table() -> dict[str, tuple[type, str]]:
     from tfaccel.export import ExportStep
+    from tfaccel.generation.tensorrt_decoder import TensorRTDecoderStep
     from tfaccel.onnx import OnnxStep, OrtInt8Step
+    from tfaccel.onnx.decoder_steps import OnnxDecoderStep, OrtDecoderInt4Step, OrtDecoderInt8Step
     from tfaccel.precision import MixedPrecisionStep
     from tfaccel.pruning.steps import StructuredPruneStep
     from tfaccel.quantization import Int4Step, Int8Step, LiteRTDynamicStep
@@ -33,6 +35,11 @@ def _table() -> dict[str, tuple[type, str]]:
         "tftrt": (TftrtStep, "SavedModel -> TF-TRT SavedModel, fp32/fp16/int8 (TensorFlow built with TensorRT + NVIDIA GPU)"),
         "tensorrt": (TensorRTStep, "ONNX -> TensorRT engine, fp32/fp16/int8 (`trt` extra + NVIDIA GPU; side artifact)"),
         "ort-int8": (OrtInt8Step, "ONNX -> onnxruntime dynamic int8 ONNX (side artifact)"),
+        "onnx-decoder": (OnnxDecoderStep, "causal LM -> ONNX KV-cache decoder (past/present inputs; side artifact)"),
+        "ort-decoder-int8": (OrtDecoderInt8Step, "ONNX decoder -> onnxruntime dynamic int8 decoder (side artifact)"),
+        "ort-decoder-int4": (OrtDecoderInt4Step, "ONNX decoder -> int4 weight-only MatMulNBits decoder (side artifact)"),
+        "tensorrt-decoder": (TensorRTDecoderStep, "ONNX decoder -> TensorRT fp16 decoder engine (`trt` extra + NVIDIA "
+                             "GPU; side artifact)"),
         "litert-dynamic": (LiteRTDynamicStep, "SavedModel -> dynamic-range int8 LiteRT model, checked in ai-edge-litert "
                            "(side artifact)"),
     }

@@ -265,3 +265,20 @@ def generate(artifact_path: str | os.PathLike, prompt_ids, max_new_tokens: int =
         array([[1, 2, 3, 17, 17, 4, 9]], dtype=int32)
     """
     return load_generator(artifact_path).generate(prompt_ids, max_new_tokens, stop_token_id, padding_mask)
+
+
+class DecoderLogitsRunner:
+    """A decoder folder as a pipeline runner: ``{token_ids, padding_mask}`` in, the prefill logits out
+    under the Keras model's output name (``output_name`` in ``decoder.json``), so the pipeline compares
+    and times it like every other artifact."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.generator = load_generator(path)
+        if not isinstance(self.generator, _CacheDecoder):
+            raise SourceError(f"{path} is not a decoder folder (decoder.json + decoder.onnx / decoder.engine).")
+        self.output_name = self.generator.info.get("output_name", "logits")
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(inputs["token_ids"], np.int32)
+        mask = np.asarray(inputs.get("padding_mask", np.ones_like(ids)), np.int32)
+        return {self.output_name: self.generator.logits(ids, mask)}

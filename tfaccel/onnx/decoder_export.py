@@ -231,7 +231,10 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, log
         convert_saved_model(tmp / "saved_model", folder / DECODER_FILE, opset=opset, log=None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_layout(folder, layout)
+    from tfaccel.artifacts import output_names_of
+
+    names = output_names_of(causal_lm) or ["logits"]
+    write_layout(folder, layout, output_name=names[0], onnx_file=DECODER_FILE, opset=opset)
     return layout
 
 

@@ -110,21 +110,27 @@ def _prepare(src_folder, dst_folder):
     return layout, info, model, rewritten, dst
 
 
+def _carried(src_info: dict) -> dict:
+    """Facts of the float decoder a quantized one keeps (output name, file, opset)."""
+    return {k: src_info[k] for k in ("output_name", "onnx_file", "opset") if k in src_info}
+
+
 def _count(model, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
 
 
 def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
-                          per_channel: bool = True, reduce_range: bool | None = None) -> dict:
+                          per_channel: bool | None = True, reduce_range: bool | None = None) -> dict:
     """An ONNX decoder folder -> onnxruntime dynamic int8 decoder folder (int8 weights, int8 activations
     quantized per call).
 
     Args:
         src_folder: a decoder folder from :func:`tfaccel.onnx.decoder_export.export_decoder`.
         dst_folder: where to write ``decoder.onnx`` + ``decoder.json``.
-        per_channel: one scale per output column of each weight.
-        reduce_range: 7-bit weights; None: on CPUs without VNNI, where onnxruntime's u8s8 products can
-            saturate their 16-bit sums (shared FACTS.md).
+        per_channel: one scale per output column of each weight (default: on; token agreement matters
+            more for a decoder than the few scales it costs); None: as ``tfaccel.compat`` says for this CPU.
+        reduce_range: 7-bit weights; None: as ``tfaccel.compat`` says for this CPU (on without VNNI, where
+            onnxruntime's u8s8 products can saturate their 16-bit sums).
 
     Returns:
         What was done: the settings, Gemms rewritten, MatMuls quantized.
@@ -135,11 +141,13 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if reduce_range is None:
+    if reduce_range is None or per_channel is None:
         from tfaccel.compat import capabilities
 
-        reduce_range = not capabilities().has_vnni
-    layout, _, model, rewritten, dst = _prepare(src_folder, dst_folder)
+        settings = capabilities().ort_int8_settings()
+        reduce_range = settings["reduce_range"] if reduce_range is None else reduce_range
+        per_channel = settings["per_channel"] if per_channel is None else per_channel
+    layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
     matmuls = _count(model, "MatMul")
     staged = dst / ".decoder.prepared.onnx"
     try:
@@ -153,7 +161,7 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     quantized = _count(onnx.load(str(dst / DECODER_FILE), load_external_data=False), "MatMulInteger")
     info = {"quantization": "ort-dynamic-int8", "per_channel": per_channel, "reduce_range": bool(reduce_range),
             "gemm_rewritten": rewritten, "matmuls": matmuls, "matmuls_quantized": quantized}
-    write_layout(dst, layout, **info)
+    write_layout(dst, layout, **_carried(src_info), **info)
     return info
 
 
@@ -229,7 +237,7 @@ def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.Pa
         raise ValueError(f"block_size must be one of {INT4_BLOCK_SIZES}. Received: block_size={block_size!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4. Received: accuracy_level={accuracy_level!r}")
-    layout, _, model, rewritten, dst = _prepare(src_folder, dst_folder)
+    layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
     matmuls = _count(model, "MatMul")
     quantized = matmul_to_nbits(model, block_size=block_size, symmetric=bool(symmetric),
                                 accuracy_level=accuracy_level)
@@ -238,7 +246,7 @@ def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     info = {"quantization": "int4-weight-only", "block_size": block_size, "symmetric": bool(symmetric),
             "accuracy_level": accuracy_level, "gemm_rewritten": rewritten, "matmuls": matmuls,
             "matmuls_quantized": quantized}
-    write_layout(dst, layout, **info)
+    write_layout(dst, layout, **_carried(src_info), **info)
     return info
 
 

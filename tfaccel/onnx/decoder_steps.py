@@ -1,0 +1,171 @@
+"""Pipeline steps for the ONNX KV-cache decoder: `onnx-decoder`, `ort-decoder-int8`, `ort-decoder-int4`.
+
+Each writes a decoder folder (``decoder.onnx`` + ``decoder.json``), a side artifact of kind
+``onnx_decoder``. The pipeline compares its prefill logits with the Keras model's on the sample inputs
+(the decoder's ``attention_mask`` takes the padding mask, so every position is comparable); the step
+itself checks greedy generation against keras-hub's ``generate`` on the sample prompts: free-running
+token agreement, teacher-forced next-token agreement and next-token logits cosine, all in the report
+notes. The step fails when the next-token agreement is under ``min_token_agreement``.
+"""
+
+from __future__ import annotations
+
+from tfaccel.artifacts import Artifact
+from tfaccel.errors import StepError
+from tfaccel.pipeline import Step, StepContext
+from tfaccel.validation import Tolerance
+
+
+class _DecoderStepBase(Step):
+    """Shared: the agreement check against keras-hub ``generate`` and the artifact it returns."""
+
+    produces = "onnx_decoder"
+    side_artifact = True
+    default_min_token_agreement = 1.0
+
+    def __init__(self, check_new_tokens: int = 8, min_token_agreement: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(check_new_tokens, int) or check_new_tokens < 1:
+            raise ValueError(f"check_new_tokens must be an int >= 1. Received: check_new_tokens={check_new_tokens!r}")
+        m = self.default_min_token_agreement if min_token_agreement is None else min_token_agreement
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"min_token_agreement must be in [0, 1]. Received: min_token_agreement={m!r}")
+        self.check_new_tokens, self.min_token_agreement = check_new_tokens, float(m)
+
+    def _base_params(self):
+        return {"check_new_tokens": self.check_new_tokens, "min_token_agreement": self.min_token_agreement}
+
+    def check(self, source):
+        if source.task != "causal_lm" or source.kind != "keras":
+            raise StepError(f"Step '{self.name}' needs a keras-hub causal LM (GPT-2, Llama, Mistral, Qwen) as the "
+                            f"source; this source is a {source.task} {source.kind}. Load it with --task causal_lm.")
+
+    def _validate(self, folder, ctx: StepContext) -> dict:
+        from tfaccel.generation.agreement import decoder_agreement
+        from tfaccel.generation.generators import OnnxDecoderGenerator
+
+        x = ctx.source.sample_inputs
+        ids, mask = x["token_ids"][:4].astype("int32"), x["padding_mask"][:4].astype("int32")
+        gen = OnnxDecoderGenerator(folder)
+        res = decoder_agreement(ctx.source.model, gen, ids, mask, self.check_new_tokens)
+        ctx.note(f"greedy vs keras-hub generate on {res['prompts']} sample prompts x {res['new_tokens']} new tokens: "
+                 f"{res['token_agreement']:.1%} of tokens the same (free-running), next-token argmax "
+                 f"{res['next_token_agreement']:.1%}, next-token logits cosine min {res['next_token_cosine_min']:.5f}")
+        if res["next_token_agreement"] < self.min_token_agreement:
+            raise StepError(
+                f"Step '{self.name}': the decoder's next token differs from keras-hub's on "
+                f"{1 - res['next_token_agreement']:.1%} of positions (allowed {1 - self.min_token_agreement:.1%}). "
+                f"Loosen --set {self.name}.min_token_agreement=..., or use a less lossy setting.")
+        return res
+
+    def _artifact(self, folder, artifact: Artifact, info: dict) -> Artifact:
+        return Artifact(kind=self.produces, path=str(folder), input_names=artifact.input_names, info=info)
+
+
+class OnnxDecoderStep(_DecoderStepBase):
+    """keras-hub CausalLM -> ONNX decoder with past/present KV-cache tensors (tf2onnx). A side artifact.
+
+    Args:
+        opset: ONNX opset.
+        check_new_tokens: new tokens per sample prompt for the agreement check.
+        min_token_agreement: the lowest next-token agreement with keras-hub allowed (default 1.0: float32
+            decoding must pick keras-hub's tokens).
+    """
+
+    name = "onnx-decoder"
+    consumes = "keras"
+    # the same float32 math as the Keras layers, fused and reordered by onnxruntime
+    default_tolerance = Tolerance(max_abs_diff=1e-3, min_cosine=0.9999, max_accuracy_drop=0.0)
+
+    def __init__(self, opset: int = 17, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(opset, int) or not 13 <= opset <= 21:
+            raise ValueError(f"opset must be an int from 13 to 21. Received: opset={opset!r}")
+        self.opset = opset
+
+    def params(self):
+        return {"opset": self.opset, **self._base_params()}
+
+    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+        from tfaccel.onnx.decoder_export import decoder_layout, export_decoder
+
+        decoder_layout(artifact.model)  # a clear error for unsupported families, before any work
+        layout = export_decoder(artifact.model, ctx.stage_dir, opset=self.opset, log=ctx.log)
+        ctx.note(f"{layout.family}: {layout.num_layers} layers, {layout.num_kv_heads} KV heads x {layout.head_dim}; "
+                 "one graph for prefill (past length 0) and decode")
+        res = self._validate(ctx.stage_dir, ctx)
+        return self._artifact(ctx.stage_dir, artifact, {"layout": layout.to_dict(), **res})
+
+
+class OrtDecoderInt8Step(_DecoderStepBase):
+    """ONNX decoder -> onnxruntime dynamic int8 decoder (MatMulInteger). A side artifact.
+
+    Args:
+        per_channel: per-column weight scales (default on); None: ``tfaccel.compat``'s choice for this CPU.
+        reduce_range: 7-bit weights; None (default): on for CPUs without VNNI.
+        min_token_agreement: lowest next-token agreement with keras-hub allowed (default 0.9).
+    """
+
+    name = "ort-decoder-int8"
+    consumes = "onnx_decoder"
+    # int8 weights and activations: logits move by ~1e-2 relative (measured cosine > 0.999 on gpt2-tiny)
+    default_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.98, max_accuracy_drop=None)
+    default_min_token_agreement = 0.9
+
+    def __init__(self, per_channel: bool | None = True, reduce_range: bool | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.per_channel, self.reduce_range = per_channel, reduce_range
+
+    def params(self):
+        return {"per_channel": self.per_channel, "reduce_range": self.reduce_range, **self._base_params()}
+
+    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+        from tfaccel.onnx.decoder_quantize import quantize_decoder_int8
+
+        ctx.log("  onnxruntime dynamic int8 on every weight MatMul of the decoder")
+        info = quantize_decoder_int8(artifact.path, ctx.stage_dir, per_channel=self.per_channel,
+                                     reduce_range=self.reduce_range)
+        ctx.note(f"{info['matmuls_quantized']} MatMuls int8 ({info['gemm_rewritten']} Gemms rewritten to MatMul), "
+                 f"per_channel={info['per_channel']}, reduce_range={info['reduce_range']}")
+        res = self._validate(ctx.stage_dir, ctx)
+        return self._artifact(ctx.stage_dir, artifact, {**info, **res})
+
+
+class OrtDecoderInt4Step(_DecoderStepBase):
+    """ONNX decoder -> int4 weight-only decoder (``MatMulNBits``). A side artifact.
+
+    Args:
+        block_size: input rows per 4-bit block (16-256, default 32).
+        symmetric: symmetric blocks without zero points (default).
+        accuracy_level: MatMulNBits compute type (4: int8 activations, the fastest on x86).
+        min_token_agreement: lowest next-token agreement with keras-hub allowed (default 0.8).
+    """
+
+    name = "ort-decoder-int4"
+    consumes = "onnx_decoder"
+    # 4-bit weights: logits move by a few percent (measured cosine ~0.99 on gpt2-tiny, block 16)
+    default_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.95, max_accuracy_drop=None)
+    default_min_token_agreement = 0.8
+
+    def __init__(self, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        from tfaccel.onnx.decoder_quantize import INT4_BLOCK_SIZES
+
+        if block_size not in INT4_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {INT4_BLOCK_SIZES}. Received: block_size={block_size!r}")
+        self.block_size, self.symmetric, self.accuracy_level = block_size, bool(symmetric), accuracy_level
+
+    def params(self):
+        return {"block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
+                **self._base_params()}
+
+    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+        from tfaccel.onnx.decoder_quantize import quantize_decoder_int4
+
+        ctx.log(f"  int4 weight-only (MatMulNBits, block {self.block_size})")
+        info = quantize_decoder_int4(artifact.path, ctx.stage_dir, block_size=self.block_size,
+                                     symmetric=self.symmetric, accuracy_level=self.accuracy_level)
+        ctx.note(f"{info['matmuls_quantized']} MatMuls int4 (block {self.block_size}), "
+                 f"{info['gemm_rewritten']} Gemms rewritten to MatMul")
+        res = self._validate(ctx.stage_dir, ctx)
+        return self._artifact(ctx.stage_dir, artifact, {**info, **res})
