@@ -5,6 +5,7 @@
     tfaccel optimize MODEL --steps export,onnx --out DIR [--shape 1x128 ...]
     tfaccel bench MODEL_OR_ARTIFACT [--shape 1x128 ...]
     tfaccel serve-check SAVED_MODEL_DIR
+    tfaccel generate ARTIFACT --prompt-ids 1,2,3 [--max-new-tokens N] [--stop-token-id T]
     tfaccel train-workers N [--max-restarts K] -- python train.py ...
 """
 
@@ -242,11 +243,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=cmd_bench)
 
+    g = sub.add_parser("generate", help="greedy generation with a generation artifact (generate SavedModel, ONNX "
+                                        "or TensorRT decoder folder)")
+    g.add_argument("artifact", help="SavedModel from the generate step, or a decoder folder (onnx-decoder, "
+                                    "ort-decoder-int8/int4, tensorrt-decoder)")
+    g.add_argument("--prompt-ids", action="append", required=True, metavar="1,2,3",
+                   help="a prompt as comma-separated token ids; repeat for a batch")
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to add after each prompt (default 16)")
+    g.add_argument("--stop-token-id", type=int, default=-1, help="a row ends after this id (default -1: never)")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.set_defaults(func=cmd_generate)
+
     # Parsed by tfaccel.distribute.launcher (everything after "--" is the worker command); listed here for --help.
     sub.add_parser("train-workers", add_help=False,
                    help="run N local MultiWorkerMirroredStrategy workers (TF_CONFIG on loopback ports), "
                         "restarting any that die: tfaccel train-workers 2 -- python train.py")
     return p
+
+
+def cmd_generate(args) -> int:
+    from tfaccel.generation import load_generator
+    from tfaccel.generation.prompts import parse_prompt_ids
+
+    prompts = parse_prompt_ids(args.prompt_ids)
+    gen = load_generator(args.artifact)
+    t0 = time.perf_counter()
+    result = gen.generate(prompts, args.max_new_tokens, args.stop_token_id)
+    seconds = time.perf_counter() - t0
+    new = result.new_tokens([len(p) for p in prompts])
+    if args.json:
+        print(json.dumps({"artifact": gen.kind, "new_token_ids": new, "lengths": result.lengths.tolist(),
+                          "seconds": round(seconds, 4)}))
+    else:
+        for row in new:
+            print(",".join(str(t) for t in row))
+        _log(f"{gen.kind}: {sum(map(len, new))} new tokens in {seconds:.2f}s")
+    return 0
 
 
 def main(argv=None) -> int:
