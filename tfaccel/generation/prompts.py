@@ -60,7 +60,7 @@ def prepare_prompts(prompt_ids, padding_mask=None, *, vocabulary_size: int | Non
         raise InputMismatchError(
             f"The prompt is {ids.shape[1]} tokens and {max_new_tokens} new tokens were asked for: "
             f"{ids.shape[1] + max_new_tokens} > the model's maximum length {max_length}. "
-            f"Shorten the prompt to at most {max(max_length - max_new_tokens, 0)} tokens or ask for fewer new tokens.")
+            f"Shorten the prompt or ask for at most {max(max_length - ids.shape[1], 0)} new tokens.")
     return ids.astype(np.int32), mask
 
 
@@ -91,3 +91,27 @@ def _rows(prompt_ids) -> list[list[int]]:
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def parse_prompt_ids(values: Sequence[str]) -> list[list[int]]:
+    """Prompts from the command line: each value is one prompt, ids separated by commas ("1,2,3").
+
+    Raises:
+        InputMismatchError: an empty prompt or a value that is not an integer.
+
+    Example:
+        >>> parse_prompt_ids(["1,2,3", "4, 5"])
+        [[1, 2, 3], [4, 5]]
+    """
+    rows = []
+    for text in values:
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts:
+            raise InputMismatchError(f"--prompt-ids {text!r} has no token ids. Give comma-separated ints: 1,2,3.")
+        try:
+            rows.append([int(p) for p in parts])
+        except ValueError:
+            bad = next(p for p in parts if not p.lstrip("-").isdigit())
+            raise InputMismatchError(f"--prompt-ids {text!r}: {bad!r} is not an integer token id. "
+                                     "Give comma-separated ints: 1,2,3.") from None
+    return rows
