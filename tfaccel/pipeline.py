@@ -139,6 +139,10 @@ def step_from_spec(spec: str, **options: Any) -> Step:
     return step
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'AEIOU' else 'a'} {noun}"
+
+
 def _is_quantized(step: Step, artifact: Artifact) -> bool:
     return step.quantized_output or bool(artifact.info.get("quantization"))
 
@@ -262,9 +266,9 @@ class Pipeline:
                 fits = [f"{n}" + (f" (step {jj})" if jj else "") for jj, n, k in earlier if k == step.consumes]
                 raise PlanError(
                     f"Step {i} '{step.spec}' starts from '{step.start_from}'" + (f" (step {j})" if j else "")
-                    + f", which gives a {KIND_NAMES[kind]}; '{step.name}' needs a {KIND_NAMES[step.consumes]}. "
+                    + f", which gives {_a(KIND_NAMES[kind])}; '{step.name}' needs {_a(KIND_NAMES[step.consumes])}. "
                     + (f"Stages before it that give one: {', '.join(fits)}." if fits
-                       else f"No stage before it gives a {KIND_NAMES[step.consumes]}.")
+                       else f"No stage before it gives {_a(KIND_NAMES[step.consumes])}.")
                 )
             out[i] = j
         return out
