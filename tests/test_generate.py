@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from tfaccel import Pipeline, StepError
+from tfaccel import PlanError, Pipeline
 from tfaccel.xla.generate_export import keras_hub_greedy, write_generate_saved_model
 
 PROMPTS = np.array([[5, 6, 7, 8, 9, 0], [11, 12, 13, 0, 0, 0]], "int32")
@@ -88,9 +88,9 @@ def test_generate_step_in_the_pipeline_and_wrong_model(gpt2_tiny, bert_tiny, tmp
     report = Pipeline([step], shapes=[(1, 16)], runs=2, warmup=1, log=lambda m: None).run(gpt2_tiny, tmp_path / "o")
     st = report.stage("generate")
     assert st.comparison["max_abs_diff"] < 1e-4 and any("100.0% of tokens agree" in n for n in st.notes)
-    with pytest.raises(StepError, match="needs a keras-hub causal LM"):
+    with pytest.raises(PlanError, match="needs a keras-hub causal LM"):
         Pipeline([GenerateStep()], shapes=[(1, 16)], log=lambda m: None).run(bert_tiny, tmp_path / "o2")
     with pytest.raises(ValueError, match="jit_compile='yes'"):
         GenerateStep(jit_compile="yes")
-    with pytest.raises(ValueError, match="max_new_tokens_cap=64"):
+    with pytest.raises(PlanError, match="max_new_tokens_cap=64 does not fit this gpt2 model.s maximum length of 64"):
         write_generate_saved_model(gpt2_tiny.model, tmp_path / "x", max_new_tokens_cap=64)

@@ -155,7 +155,11 @@ class CausalLMSpec:
             from tfaccel.errors import PlanError
 
             raise PlanError(self.refusal)
+        import tensorflow as tf
+
         lm = self.model
+        # an int32 tensor for every family (SmolLM3's layers refuse a Python int beside tensor kwargs)
+        cache_update_index = tf.convert_to_tensor(cache_update_index, dtype=tf.int32)
         if self.native_layout == "per_layer":
             from keras import ops
 
