@@ -263,30 +263,28 @@ def keras_export_footprint(model, inputs: Mapping[str, np.ndarray] | None = None
     return out
 
 
-def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None) -> None:
+def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None, workers: int = 2) -> None:
     """Fill in what every SavedModel stage of a pipeline run costs a server, against ``model.export``.
 
     For each SavedModel stage (and a SavedModel reference): size, stored variable values, and the resident
-    memory a fresh process gains loading it and running it once (one child process per SavedModel). For a
-    Keras source, ``report.model_export`` gets the same for a plain ``model.export`` of the reference, the
-    baseline of the ratios in report.md. A SavedModel that fails to load there gets a note, not an error
-    (validation already ran it in this process).
+    memory a fresh process gains loading it and running it once (one child process per SavedModel, ``workers``
+    at a time: each measures only its own RSS). For a Keras source, ``report.model_export`` gets the same for
+    a plain ``model.export`` of the reference, the baseline of the ratios in report.md. A SavedModel that
+    fails to load there gets a note, not an error (validation already ran it in this process).
 
     Args:
         report: the run's :class:`tfaccel.report.Report` (stage paths relative to ``work_dir``).
         source: the run's :class:`tfaccel.sources.ModelSource`.
         work_dir: the run's folder.
         log: progress callable.
+        workers: child processes at a time.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     log = log or (lambda _m: None)
     inputs = source.sample_inputs
-    if source.kind == "keras" and source.model is not None:
-        log("load footprint: model.export of the reference (baseline)")
-        try:
-            report.model_export = keras_export_footprint(source.model, inputs)
-        except Exception as exc:  # a model Keras cannot export: no baseline, the stages are still measured
-            report.reference.notes.append(f"model.export baseline not measured: {type(exc).__name__}: {exc}")
-    for st in report.stages:
+    jobs: dict[Any, Path] = {}  # stage position in report.stages (or "model_export") -> SavedModel folder
+    for pos, st in enumerate(report.stages):
         if st.kind != "saved_model" or st.status == "skipped":
             continue
         path = Path(source.path) if st.index == 0 else (Path(work_dir) / st.path if st.path else None)
@@ -294,12 +292,37 @@ def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None) -
             continue
         if not (path / "saved_model.pb").exists():
             path = next((p.parent for p in sorted(path.rglob("saved_model.pb"))), path)
-        try:
-            fp = load_footprint(path, inputs)
-            st.load_rss_bytes = fp["load_rss_bytes"]
-            st.stored_values = stored_values(path)
-        except TfaccelError as exc:
-            st.notes.append(f"memory after loading not measured: {str(exc).splitlines()[0]}")
+        jobs[pos] = path
+    with tempfile.TemporaryDirectory(prefix="tfaccel-model-export-") as tmp:
+        if source.kind == "keras" and source.model is not None:
+            log("load footprint: model.export of the reference (the baseline)")
+            try:
+                source.model.export(str(Path(tmp, "model_export")), format="tf_saved_model", verbose=False)
+                jobs["model_export"] = Path(tmp, "model_export")
+            except Exception as exc:  # a model Keras cannot export: no baseline, the stages are still measured
+                report.reference.notes.append(f"model.export baseline not measured: {type(exc).__name__}: {exc}")
+        if not jobs:
+            return
+
+        def measure(path):
+            try:
+                return {**load_footprint(path, inputs), "stored_values": stored_values(path)}
+            except TfaccelError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = dict(zip(jobs, pool.map(measure, jobs.values()), strict=True))
+    for key, fp in results.items():
+        if key == "model_export":
+            if isinstance(fp, TfaccelError):
+                report.reference.notes.append(f"model.export baseline not measured: {str(fp).splitlines()[0]}")
+            else:
+                report.model_export = fp
             continue
+        st = report.stages[key]
+        if isinstance(fp, TfaccelError):
+            st.notes.append(f"memory after loading not measured: {str(fp).splitlines()[0]}")
+            continue
+        st.load_rss_bytes, st.stored_values = fp["load_rss_bytes"], fp["stored_values"]
         log(f"load footprint: {st.step}: {fp['size_bytes'] / 1e6:.1f} MB on disk, "
             f"{fp['load_rss_bytes'] / 1e6:.0f} MB resident after load + one call")
