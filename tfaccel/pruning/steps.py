@@ -153,7 +153,11 @@ class StructuredPruneStep(Step):
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.pruning.distillation import distill
-        from tfaccel.pruning.structured_pruning import feedforward_layers, prune_feedforward
+        from tfaccel.pruning.structured_pruning import (
+            backbone_of,
+            feedforward_layers,
+            prune_feedforward,
+        )
 
         model = artifact.model
         ff = feedforward_layers(model)
@@ -167,9 +171,14 @@ class StructuredPruneStep(Step):
             calibration = {k: v[: self.calibration_samples] for k, v in resolved[0].items()}
         ctx.log(f"  ranking feed-forward units ({method}) and rebuilding with {1 - self.fraction:.0%} of them")
         small, kept = prune_feedforward(model, self.fraction, inputs=calibration, method=method)
-        old_dim, new_dim = ff[0][1].units, len(kept[0])
+        old_dim = backbone_of(model).get_config()["intermediate_dim"]
+        new_dim = backbone_of(small).get_config()["intermediate_dim"]
         n_old, n_new = model.count_params(), small.count_params()
-        ctx.note(f"intermediate_dim {old_dim} -> {new_dim} in {len(ff)} transformer layers; "
+        where = (f"{len(ff)} transformer layers" if ff[0].shared_by == 1 else
+                 f"{len(ff)} shared transformer layer{'s' if len(ff) > 1 else ''} (each used by "
+                 f"{ff[0].shared_by} layers)")
+        gated = "; gate and up projections keep the same units" if ff[0].gate is not None else ""
+        ctx.note(f"intermediate_dim {old_dim} -> {new_dim} in {where}{gated}; "
                  f"parameters {n_old:,} -> {n_new:,} ({n_new / n_old:.1%})")
         if resolved is not None and self.epochs > 0:
             inputs, labels, desc = resolved
