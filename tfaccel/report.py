@@ -126,11 +126,13 @@ class Report:
         rows = [st for st in self.stages if st.load_rss_bytes is not None]
         if not rows:
             return []
-        base = self.model_export or {}
+        base, vs = self.model_export or {}, "model.export"
+        if not base and self.reference.load_rss_bytes is not None:  # a SavedModel source: against itself
+            base, vs = {"size_bytes": self.reference.size_bytes, "load_rss_bytes": self.reference.load_rss_bytes}, "ref"
         lines = ["", "## SavedModel size and memory after loading", "",
-                 "| # | stage | size MB | size vs model.export | stored values | RSS after load MB "
-                 "| RSS vs model.export |", "|---|---|---|---|---|---|---|"]
-        if base:
+                 f"| # | stage | size MB | size vs {vs} | stored values | RSS after load MB "
+                 f"| RSS vs {vs} |", "|---|---|---|---|---|---|---|"]
+        if self.model_export:
             lines.append(f"| - | model.export | {base['size_bytes'] / 1e6:.1f} | 1.00x | {base['stored_values']} | "
                          f"{base['load_rss_bytes'] / 1e6:.0f} | 1.00x |")
 
