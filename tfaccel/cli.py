@@ -3,6 +3,7 @@
     tfaccel env [--json]
     tfaccel steps
     tfaccel optimize MODEL --steps export,onnx --out DIR [--shape 1x128 ...]
+    tfaccel optimize MODEL --auto [--max-accuracy-drop 1.0] [--formats savedmodel|all] [--time-budget S] --out DIR
     tfaccel bench MODEL_OR_ARTIFACT [--shape 1x128 ...]
     tfaccel serve-check SAVED_MODEL_DIR
     tfaccel generate ARTIFACT --prompt-ids 1,2,3 [--max-new-tokens N] [--stop-token-id T]
@@ -105,8 +106,49 @@ def _data_options(args, names: list[str], options: dict[str, dict]) -> str | Non
     return args.eval_data or args.eval_texts
 
 
+_AUTO_ONLY = {"max_accuracy_drop": "--max-accuracy-drop", "formats": "--formats", "time_budget": "--time-budget"}
+
+
+def cmd_optimize_auto(args) -> int:
+    """`tfaccel optimize MODEL --auto`: tfaccel.auto.optimize_auto, then the ranked table on stdout."""
+    from tfaccel.auto.auto_report import ranked_table
+    from tfaccel.auto.search import optimize_auto
+    from tfaccel.sources import load_source
+
+    if args.steps is not None:
+        raise ValueError("--auto and --steps are mutually exclusive: --auto chooses the steps itself from the "
+                         "recipe table; pass one of them.")
+    if args.set or args.on_breach != "fail" or args.no_measure:
+        raise ValueError("--set, --on-breach and --no-measure apply to --steps runs; --auto validates and times "
+                         "every candidate itself (see --max-accuracy-drop).")
+    data = {k: getattr(args, k, None) for k in ("eval_data", "eval_texts", "calibration_data")}
+    kwargs = {"eval_data": data["eval_data"] or data["eval_texts"]} if data["eval_data"] or data["eval_texts"] else {}
+    if data["calibration_data"]:
+        kwargs["calibration_data"] = data["calibration_data"]
+    source = load_source(args.model, task=args.task, num_classes=args.num_classes, sample_inputs=args.inputs,
+                         progress=_log, **kwargs)
+    report = optimize_auto(
+        source, args.out, shapes=_parse_shapes(args.shape) or None, formats=args.formats or "savedmodel",
+        max_accuracy_drop=1.0 if args.max_accuracy_drop is None else args.max_accuracy_drop,
+        time_budget_s=args.time_budget, finetune_data=getattr(args, "train_data", None), runs=args.runs,
+        warmup=args.warmup, overwrite=args.overwrite, log=_log)
+    print("\n".join(ranked_table(report)))
+    print(f"\nWinner: {report.winner} -> {report.final_saved_model_path}"
+          + (f"; fastest of any format: {report.fastest_artifact} -> {report.out_dir}/{report.fastest_artifact_path}"
+             if report.fastest_artifact != report.winner else "")
+          + f". Report: {report.out_dir}/report.md")
+    return 0
+
 
 def cmd_optimize(args) -> int:
+    if args.auto:
+        return cmd_optimize_auto(args)
+    if args.steps is None:
+        raise ValueError("optimize needs --steps STEP,STEP,... (e.g. --steps export,onnx) or --auto.")
+    given = [flag for key, flag in _AUTO_ONLY.items() if getattr(args, key) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --auto; "
+                         "--steps runs use each step's own tolerance.")
     from tfaccel.pipeline import Pipeline, parse_step_spec, step_from_spec
     from tfaccel.sources import load_source
 
@@ -211,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("optimize", help="apply steps, validate and measure each, write stages and a report")
     model_args(o)
-    o.add_argument("--steps", required=True,
+    o.add_argument("--steps",
                    help="comma-separated steps, e.g. export,onnx,ort-int8; STEP@FROM starts a step from an earlier "
                         "step's artifact (litert-dynamic@export) or the model (@reference)")
     o.add_argument("--out", required=True, help="output folder (created only if the run succeeds)")
@@ -232,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--train-data", metavar="FILE",
                    help="prune-structured's fine-tuning data (.npz of inputs with optional 'labels', or texts)")
     o.add_argument("--no-measure", action="store_true", help="validate only, skip latency measurement")
+    o.add_argument("--auto", action="store_true",
+                   help="instead of --steps: build every recipe this machine can run, validate each within "
+                        "--max-accuracy-drop, time them interleaved at --shape, keep the fastest SavedModel")
+    o.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                   help="--auto: accuracy points the result may lose on the labelled eval data (default 1.0)")
+    o.add_argument("--formats", choices=["savedmodel", "all"],
+                   help="--auto: SavedModel candidates only (default), or also ONNX/LiteRT/TensorRT side artifacts")
+    o.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="--auto: stop building new candidates after this many seconds (the report lists the rest)")
     o.set_defaults(func=cmd_optimize)
 
     c = sub.add_parser("serve-check", help="check a SavedModel loads and runs without tfaccel (saved_model_cli)")

@@ -40,32 +40,26 @@ class StepSpec:
     Args:
         name: a step name from :func:`tfaccel.available_steps`.
         options: keyword arguments for :func:`tfaccel.get_step`.
-        from_capabilities: a function of the machine's capabilities returning more options (e.g.
-            onnxruntime's int8 settings for this CPU), applied when the recipe is planned.
+
+    Steps that depend on the hardware read :func:`tfaccel.capabilities` themselves (``ort-int8`` picks
+    ``per_channel`` / ``reduce_range`` for the CPU), so a spec only names what differs between recipes.
     """
 
     name: str
     options: tuple[tuple[str, Any], ...] = ()
-    from_capabilities: Callable[[Any], dict[str, Any]] | None = None
 
     @classmethod
-    def of(cls, name: str, from_capabilities=None, **options: Any) -> StepSpec:
-        return cls(name, tuple(sorted(options.items())), from_capabilities)
+    def of(cls, name: str, **options: Any) -> StepSpec:
+        return cls(name, tuple(sorted(options.items())))
 
-    def resolve_options(self, caps) -> dict[str, Any]:
-        opts = dict(self.options)
-        if self.from_capabilities is not None:
-            opts.update(self.from_capabilities(caps))
-        return opts
-
-    def make(self, caps, **extra: Any):
-        """The Step object, with options resolved for ``caps`` (``extra`` fills options the spec leaves unset)."""
+    def make(self, **extra: Any):
+        """The Step object (``extra`` fills options the spec leaves unset)."""
         from tfaccel.steps import get_step
 
-        return get_step(self.name, **{**extra, **self.resolve_options(caps)})
+        return get_step(self.name, **{**extra, **dict(self.options)})
 
-    def describe(self, caps=None) -> str:
-        opts = self.resolve_options(caps) if caps is not None else dict(self.options)
+    def describe(self) -> str:
+        opts = dict(self.options)
         shown = {k: v for k, v in opts.items() if k not in ("tolerance", "on_breach")}
         return self.name + (f"({', '.join(f'{k}={v}' for k, v in sorted(shown.items()))})" if shown else "")
 
@@ -109,13 +103,13 @@ class Recipe:
                 return False, reason
         return True, ""
 
-    def make_steps(self, caps, step_defaults: dict[str, dict[str, Any]] | None = None) -> list:
+    def make_steps(self, step_defaults: dict[str, dict[str, Any]] | None = None) -> list:
         """The Step objects; ``step_defaults`` (step name -> options) fills options a spec leaves unset,
         e.g. ``{"prune-structured": {"data": "train.npz"}}``."""
-        return [spec.make(caps, **(step_defaults or {}).get(spec.name, {})) for spec in self.steps]
+        return [spec.make(**(step_defaults or {}).get(spec.name, {})) for spec in self.steps]
 
-    def describe_steps(self, caps=None) -> str:
-        return " -> ".join(spec.describe(caps) for spec in self.steps)
+    def describe_steps(self) -> str:
+        return " -> ".join(spec.describe() for spec in self.steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,11 +160,6 @@ def _trt_route(route: str) -> Predicate:
     return predicate
 
 
-def _ort_int8_options(caps) -> dict[str, Any]:
-    settings = caps.ort_int8_settings()
-    return {"per_channel": bool(settings["per_channel"]), "reduce_range": bool(settings["reduce_range"])}
-
-
 S = StepSpec.of
 
 #: The one table. The first recipe is the baseline every speed-up is relative to: the plain export
@@ -203,8 +192,8 @@ RECIPES: tuple[Recipe, ...] = (
            requires=(_trt_route("tftrt"),)),
     Recipe("onnx", (S("export"), S("onnx", opset=17)), "ONNX (tf2onnx) in onnxruntime, float32",
            requires=(_onnx,), format="onnx"),
-    Recipe("ort-int8", (S("export"), S("onnx", opset=17), S("ort-int8", from_capabilities=_ort_int8_options)),
-           "onnxruntime dynamic int8 (settings chosen for this CPU)", requires=(_onnx,), format="onnx"),
+    Recipe("ort-int8", (S("export"), S("onnx", opset=17), S("ort-int8")),
+           "onnxruntime dynamic int8 (the step picks per_channel/reduce_range for this CPU)", requires=(_onnx,), format="onnx"),
     Recipe("litert-dynamic", (S("export"), S("litert-dynamic")), "LiteRT dynamic-range int8 (.tflite)",
            requires=(_litert,), format="tflite"),
     Recipe("tensorrt-fp16", (S("export"), S("onnx", opset=17), S("tensorrt", precision="fp16")),

@@ -224,7 +224,7 @@ def optimize_auto(
 
     labelled = source.eval_labels is not None and source.task == "classification"
     n_eval = len(source.eval_labels) if labelled else None
-    budget_rule = (f"at most {max_accuracy_drop:g} accuracy points below the reference on {n_eval} labelled "
+    budget_rule = (f"at most {max_accuracy_drop:g} accuracy point{'' if max_accuracy_drop == 1 else 's'} below the reference on {n_eval} labelled "
                    "examples" if labelled else
                    "no labelled data: each candidate's outputs must stay within its steps' cosine tolerance "
                    "(the loosest of them) of the reference on the sample inputs")
@@ -239,19 +239,19 @@ def optimize_auto(
     for pc in plan:
         r = pc.recipe
         cand = AutoCandidate(name=r.name, description=r.description, format=r.format,
-                             steps=[s.describe(caps) for s in r.steps])
+                             steps=[s.describe() for s in r.steps], status=NOT_TRIED)
         report.candidates.append(cand)
         if not pc.runnable:
             cand.status, cand.reason = NOT_A_CANDIDATE, pc.reason
             continue
         try:
-            steps = Pipeline(r.make_steps(caps, step_defaults), shapes=shapes, measure=False,
+            steps = Pipeline(r.make_steps(step_defaults), shapes=shapes, measure=False,
                              log=lambda _m: None).plan(source)
         except TfaccelError as exc:
             cand.status, cand.reason = NOT_A_CANDIDATE, f"cannot run here: {str(exc).splitlines()[0]}"
             continue
         # Pipeline.plan keeps the recipe's steps in order and may append an export.
-        cand.steps = [r.steps[i].describe(caps) if i < len(r.steps) else s.name for i, s in enumerate(steps)]
+        cand.steps = [r.steps[i].describe() if i < len(r.steps) else s.name for i, s in enumerate(steps)]
         planned.append((cand, r, steps, [step_key(s) for s in steps]))
     if not planned or planned[0][0].name != BASELINE:
         raise TfaccelError(f"The baseline recipe '{BASELINE}' cannot run on {source.name}: "

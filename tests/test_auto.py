@@ -1,0 +1,219 @@
+"""`tfaccel optimize --auto`: the recipe table filtered per capability (both branches of every hardware
+decision, through override_capabilities), the winner is the fastest candidate within the budget, breaches
+are dropped with their reason, the winner serves in a fresh process, the time budget, and the CLI's errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli, run_python
+
+from tfaccel.auto import Recipe, StepSpec, optimize_auto, plan_candidates
+from tfaccel.compat import override_capabilities
+from tfaccel.validation import Tolerance
+
+
+def _runnable(plan) -> list[str]:
+    return [c.recipe.name for c in plan if c.runnable]
+
+
+def _reason(plan, name: str) -> str:
+    c = next(c for c in plan if c.recipe.name == name)
+    assert not c.runnable, f"{name} should not be a candidate here"
+    return c.reason
+
+
+def _ort_options(plan) -> dict:
+    """The settings the ort-int8 recipe's step uses on this (overridden) machine."""
+    recipe = next(c.recipe for c in plan if c.recipe.name == "ort-int8")
+    settings = recipe.make_steps()[-1].settings()
+    return {"per_channel": settings["per_channel"], "reduce_range": settings["reduce_range"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipe filtering per capability: both branches of each decision
+
+
+def test_avx2_cpu_without_onednn_int8_or_bf16_gets_no_such_candidates():
+    with override_capabilities(cpu_isa="avx2", onednn_int8=False, gpus=(), gpu_compute_capability=()) as caps:
+        plan = plan_candidates(caps, formats="all")
+        ort = _ort_options(plan)
+    run = _runnable(plan)
+    assert run[0] == "export"  # the baseline, always first
+    assert {"xla", "int8-xla", "int8-keras", "onnx", "ort-int8"} <= set(run)
+    assert "mixed_bfloat16" not in run and "int8-onednn" not in run and "mixed_float16" not in run
+    assert "bfloat16" in _reason(plan, "mixed_bfloat16")
+    assert "onednn" in _reason(plan, "int8-onednn")
+    assert "GPU" in _reason(plan, "tensorrt-fp16")
+    assert ort == {"per_channel": True, "reduce_range": True}  # no VNNI: 7-bit weights
+
+
+def test_avx512_bf16_cpu_with_onednn_int8_gets_them():
+    feats = {"avx2": True, "avx512": True, "vnni": True, "bf16": True, "fp16": False, "amx": False}
+    with override_capabilities(cpu_features=feats, onednn_int8=True, gpus=(), gpu_compute_capability=()) as caps:
+        plan = plan_candidates(caps, formats="all")
+        ort = _ort_options(plan)
+    run = _runnable(plan)
+    assert {"mixed_bfloat16", "int8-onednn", "int8-xla"} <= set(run)
+    assert "mixed_float16" not in run  # no fp16 units on this CPU
+    assert ort == {"per_channel": False, "reduce_range": False}  # VNNI: full 8-bit weights
+    assert not any(name.startswith(("tensorrt", "tftrt")) for name in run)
+
+
+def test_nvidia_gpu_gets_tensorrt_candidates_and_half_precision():
+    gpu = dict(gpus=("/physical_device:GPU:0",), gpu_compute_capability=((8, 0),), tensorrt="10.3.0")
+    with override_capabilities(tf_tensorrt=False, **gpu) as caps:
+        every = plan_candidates(caps, formats="all")
+        saved_models_only = plan_candidates(caps, formats="savedmodel")
+    with override_capabilities(tf_tensorrt=True, **gpu) as caps:
+        tftrt = plan_candidates(caps, formats="all")
+    assert {"tensorrt-fp16", "tensorrt-int8", "mixed_float16", "mixed_bfloat16"} <= set(_runnable(every))
+    assert "tftrt" in _reason(every, "tftrt-fp16")
+    assert "--formats all" in _reason(saved_models_only, "tensorrt-fp16")  # an engine is not a SavedModel
+    assert {"tftrt-fp16", "tftrt-int8"} <= set(_runnable(tftrt))
+
+
+def test_pruning_is_a_candidate_only_with_finetuning_data():
+    with override_capabilities(gpus=()) as caps:
+        without = plan_candidates(caps, finetune_data=False)
+        with_data = plan_candidates(caps, finetune_data=True)
+    assert "fine-tuning data" in _reason(without, "prune-structured")
+    assert "fine-tuning data" in _reason(without, "prune-structured+xla")
+    assert {"prune-structured", "prune-structured+xla"} <= set(_runnable(with_data))
+
+
+def test_unknown_recipe_and_format_are_plan_errors():
+    from tfaccel.compat import capabilities
+    from tfaccel.errors import PlanError
+
+    with pytest.raises(PlanError, match="Unknown recipe 'int9'"):
+        plan_candidates(capabilities(), recipes=["int9"])
+    with pytest.raises(PlanError, match="formats must be one of"):
+        plan_candidates(capabilities(), formats="onnx")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole runs on bert-tiny
+
+
+@pytest.fixture(scope="session")
+def labelled_tiny(bert_tiny):
+    """bert-tiny with a labelled eval split: 64 synthetic sequences labelled by the model itself, so the
+    reference is 100% accurate and every changed prediction costs 1.56 points."""
+    from tfaccel.artifacts import KerasRunner
+    from tfaccel.sources import token_sample_inputs
+
+    inputs = token_sample_inputs(bert_tiny.input_specs, bert_tiny.vocab_size, batch=64, seq=16, seed=1)
+    logits = KerasRunner(bert_tiny.model, bert_tiny.dict_inputs)(inputs)["logits"]
+    return dataclasses.replace(bert_tiny, eval_inputs=inputs, eval_labels=np.argmax(logits, -1))
+
+
+#: Removes 3/4 of the feed-forward units with no fine-tuning: a candidate that loses accuracy.
+PRUNE_75 = Recipe("prune-75-no-finetune", (StepSpec.of("prune-structured", fraction=0.75, data="none", epochs=0,
+                                                       importance="weight"),), "test: pruned, not fine-tuned")
+
+
+@pytest.fixture(scope="session")
+def labelled_run(labelled_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "out"
+    report = optimize_auto(labelled_tiny, out, recipes=["xla", PRUNE_75], shapes=[(1, 16), (4, 16)],
+                           max_accuracy_drop=1.0, runs=5, warmup=2)
+    return report, out
+
+
+def test_kept_candidate_is_the_fastest_within_the_budget(labelled_run):
+    report, out = labelled_run
+    data = json.loads((out / "report.json").read_text())
+    cands = {c["name"]: c for c in data["candidates"]}
+    assert {"export", "xla", "prune-75-no-finetune"} <= set(cands)
+    timed = [c for c in cands.values() if c["status"] in ("kept", "dropped")]
+    assert all(set(c["speedups"]) == {"1x16", "4x16"} for c in timed)  # every candidate at every shape
+    assert cands["export"]["speedups"] == {"1x16": 1.0, "4x16": 1.0}
+    for c in timed:  # the score is the geometric mean of the per-shape speed-ups
+        assert c["score"] == pytest.approx(float(np.sqrt(c["speedups"]["1x16"] * c["speedups"]["4x16"])))
+        assert (c["accuracy_drop_points"] <= 1.0) == (c["status"] == "kept")
+    in_budget = [c for c in timed if c["status"] == "kept" and c["kind"] == "saved_model"]
+    assert data["winner"] == max(in_budget, key=lambda c: c["score"])["name"]
+    assert [c["rank"] for c in data["candidates"] if c["rank"]] == list(range(1, len(timed) + 1))
+    md = (out / "report.md").read_text()
+    assert f"`{data['winner']}` **(winner)**" in md and "| rank | candidate |" in md
+    assert (out / "saved_model" / "saved_model.pb").exists() and not (out / "candidates").exists()
+
+
+def test_accuracy_breach_is_dropped_with_its_reason(labelled_run):
+    report, _ = labelled_run
+    pruned = report.candidate("prune-75-no-finetune")
+    assert pruned.status == "dropped" and pruned.accuracy_drop_points > 1.0
+    assert "points below the reference" in pruned.reason and "budget 1" in pruned.reason
+    assert pruned.measurements  # still timed: the plot shows what the budget ruled out
+    assert report.winner != pruned.name
+
+
+def test_plot_is_a_png_with_the_candidates(labelled_run):
+    import matplotlib.image
+
+    _, out = labelled_run
+    png = out / "latency_vs_accuracy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h, w, _ = matplotlib.image.imread(png).shape
+    assert h > 200 and w > 300
+
+
+def test_winner_serves_in_a_fresh_process(labelled_run, labelled_tiny, tmp_path):
+    report, out = labelled_run
+    np.savez(tmp_path / "x.npz", **labelled_tiny.eval_inputs)
+    code = ("import sys, numpy as np, tensorflow as tf\n"
+            "f = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+            "x = dict(np.load(sys.argv[2]))\n"
+            "np.save(sys.argv[3], f(**{k: tf.constant(v) for k, v in x.items()})['logits'].numpy())\n")
+    proc = run_python(code, str(out / "saved_model"), str(tmp_path / "x.npz"), str(tmp_path / "y.npy"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logits = np.load(tmp_path / "y.npy")
+    acc = float(np.mean(np.argmax(logits, -1) == labelled_tiny.eval_labels))
+    assert acc == pytest.approx(report.candidate(report.winner).accuracy)  # the same model the report judged
+    assert acc >= report.reference_accuracy - 0.01
+
+
+def test_cosine_tolerance_breach_without_labels(bert_tiny, tmp_path):
+    strict = Recipe("int8-strict", (StepSpec.of("int8", kernel="xla", tolerance=Tolerance(
+        max_abs_diff=None, min_cosine=0.999999, max_accuracy_drop=None)),), "test: an impossible cosine bound")
+    report = optimize_auto(bert_tiny, tmp_path / "a", recipes=[strict], shapes=[(1, 16)], runs=3, warmup=1)
+    assert report.reference_accuracy is None and "cosine tolerance" in report.budget_rule
+    c = report.candidate("int8-strict")
+    assert c.status == "dropped" and "cosine" in c.reason and "< 0.999999" in c.reason
+    assert 0.98 < c.min_cosine < 0.999999 and c.measurements  # a real int8 model, timed, over this bound
+    assert report.winner == "export"
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_auto_progress_table_and_time_budget(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("optimize", "bert-tiny", "--auto", "--shape", "1x16", "--runs", "3", "--warmup", "1",
+                   "--time-budget", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| rank | candidate |" in proc.stdout and "`export` **(winner)**" in proc.stdout
+    assert "[1/" in proc.stderr and "time budget of 0s used up" in proc.stderr  # progress lines
+    data = json.loads((out / "report.json").read_text())
+    assert data["winner"] == "export" and (out / "saved_model" / "saved_model.pb").exists()
+    not_tried = [c for c in data["candidates"] if c["status"] == "not tried"]
+    assert {"xla", "int8-xla"} <= {c["name"] for c in not_tried}  # the baseline is always built; then the budget
+    assert all("time budget" in c["reason"] for c in not_tried)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--auto", "--steps", "export"], "--auto and --steps are mutually exclusive"),
+    (["--auto", "--max-accuracy-drop", "-1"], "max_accuracy_drop is in accuracy points"),
+    (["--steps", "export", "--max-accuracy-drop", "2"], "--max-accuracy-drop applies only with --auto"),
+    ([], "--steps STEP,STEP"),
+])
+def test_cli_auto_errors_exit_2(tmp_path, args, message):
+    proc = run_cli("optimize", "bert-tiny", *args, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
