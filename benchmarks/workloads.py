@@ -332,6 +332,52 @@ def default_rows(extra_chains: Sequence[Sequence[str]] = ()) -> list[RowSpec]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The --auto row: what `tfaccel optimize MODEL --auto` chooses on this machine
+
+
+def build_auto(ctx: BuildContext) -> Built:
+    """Run ``tfaccel optimize SOURCE --auto --shape <first shape>`` in a child process (its candidates'
+    memory is gone before the other rows load) and serve the SavedModel it keeps. The row's build time is
+    the wall time of the whole CLI run, model loading included."""
+    import json
+    import subprocess
+    import sys
+
+    from tfaccel.artifacts import SavedModelRunner, dir_size
+
+    out = ctx.work_dir / "auto-out"
+    batch, seq = ctx.shapes[0]
+    exe = Path(sys.executable).parent / "tfaccel"
+    cmd = [str(exe), "optimize", ctx.source.name, "--auto", "--shape", f"{batch}x{seq}", "--out", str(out),
+           "--overwrite"]
+    ctx.log("  " + " ".join(cmd[1:]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"tfaccel optimize --auto exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
+    report = json.loads((out / "report.json").read_text())
+    cands = {c["name"]: c for c in report["candidates"]}
+    win = cands[report["winner"]]
+    path = out / report["final_saved_model"]
+    size = dir_size(path)
+    baseline = ctx.work_dir / "keras-model-export"  # the model.export row, built before this one
+    size_note = f", size {size / dir_size(baseline):.2f}x model.export's" if baseline.exists() else ""
+    timed = sum(1 for c in cands.values() if c["status"] in ("kept", "dropped"))
+    notes = [f"--auto kept {win['name']} ({' -> '.join(win['steps'])}), the fastest of {timed} timed candidates "
+             f"within its budget ({report['budget_rule']}); the auto run measured it at "
+             + ", ".join(f"{v:.2f}x at {k}" for k, v in win["speedups"].items())
+             + f" vs tfaccel export{size_note}; wall time of the auto run {wall:.0f}s"]
+    ctx.log(f"  {notes[0]}")
+    return Built(load=lambda: SavedModelRunner(str(path)), size_bytes=size, kind="saved_model", path=str(path),
+                 build_seconds=wall, notes=notes, steps=tuple(win["steps"]))
+
+
+def auto_row() -> RowSpec:
+    return RowSpec(name="tfaccel --auto", group="tfaccel", steps=("--auto",), build=build_auto, precision="auto")
+
+
+# --------------------------------------------------------------------------------------------------
 # Generation rows (causal LMs)
 
 
@@ -463,9 +509,10 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
         }
     return {
         "bert-base": Workload("bert-base", "bert-base", [(1, 128), (32, 128)],
-                              rows=default_rows(COMBINATIONS),
+                              rows=default_rows(COMBINATIONS) + [auto_row()],
                               note="BERT-base architecture (12 layers, hidden 768), random weights"),
         "minilm-bbc": Workload("minilm-bbc", "minilm-bbc", [(1, 128)], accuracy=True,
+                               rows=default_rows() + [auto_row()],
                                note="all-MiniLM-L6-v2 fine-tuned on BBC News; accuracy on 200 held-out articles"),
         "gpt2-small": Workload("gpt2-small", "gpt2-small", [(1, 128)], generation=GenerationSpec(32, 64),
                                note="GPT-2 small architecture (124M), random weights"),
