@@ -47,6 +47,13 @@ class LiteRTRunner:
         return {k: np.array(v) for k, v in out.items()}
 
 
+#: TensorFlow ops LiteRT has builtin kernels for in int32 but not in int64. keras-hub DeBERTa-v3 computes
+#: its relative-position buckets with ``Abs`` and ``Sign`` on int64 positions (``ops.cast(ids, "int")``),
+#: which the converter rejects ("'tf.Abs' op is neither a custom op nor a flex op"). Positions fit int32,
+#: so these ops are rewritten to run in int32 (Cast in, op, Cast back) and the conversion is retried.
+INT64_REWRITE_OPS = ("Abs", "Sign")
+
+
 def _converter_ops(message: str) -> list[str]:
     """TensorFlow ops (and tensor types) the converter's diagnostics say it cannot handle."""
     ops = set(re.findall(r"'(?:tf|tfl)\.([A-Za-z0-9_]+)' op is neither a custom op nor a flex op", message))
@@ -55,13 +62,108 @@ def _converter_ops(message: str) -> list[str]:
     return sorted(ops)
 
 
+def _rejected_signatures(message: str) -> list[str]:
+    """The converter's ``Details:`` lines, e.g. ``Abs(tensor<?x?xi64>)``: which op on which tensor type."""
+    return sorted(set(re.findall(r"tf\.([A-Za-z0-9_]+\(tensor<[^>]*>[^)]*\))", message)))
+
+
+def _only_int64_rewritable(message: str) -> bool:
+    details = _rejected_signatures(message)
+    ops = [o for o in _converter_ops(message) if not o.startswith("type ")]
+    return bool(details) and set(ops) <= set(INT64_REWRITE_OPS) and all(
+        d.split("(")[0] in INT64_REWRITE_OPS and "xi64>" in d for d in details)
+
+
+def _int32_rewritten_function(saved_model_dir: str, signature: str):
+    """The SavedModel signature as a frozen concrete function (same input/output names) whose int64
+    :data:`INT64_REWRITE_OPS` run in int32, and how many ops were rewritten."""
+    import tensorflow as tf
+    from tensorflow.core.framework import node_def_pb2, types_pb2
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    loaded = tf.saved_model.load(saved_model_dir)  # keep it alive: the signature refers to its variables
+    fn = loaded.signatures[signature]
+    frozen = convert_variables_to_constants_v2(fn)
+    graph_def = frozen.graph.as_graph_def()
+
+    def cast(name, source, src, dst):
+        node = node_def_pb2.NodeDef(name=name, op="Cast", input=[source])
+        node.attr["SrcT"].type, node.attr["DstT"].type = src, dst
+        node.attr["Truncate"].b = False
+        return node
+
+    nodes, rewritten = [], 0
+    for node in graph_def.node:
+        if node.op in INT64_REWRITE_OPS and node.attr["T"].type == types_pb2.DT_INT64:
+            inner = node_def_pb2.NodeDef()
+            inner.CopyFrom(node)
+            inner.name = f"{node.name}/int32"
+            del inner.input[:]
+            inner.input.append(f"{node.name}/to_int32")
+            inner.attr["T"].type = types_pb2.DT_INT32
+            nodes += [cast(f"{node.name}/to_int32", node.input[0], types_pb2.DT_INT64, types_pb2.DT_INT32), inner,
+                      cast(node.name, inner.name, types_pb2.DT_INT32, types_pb2.DT_INT64)]
+            rewritten += 1
+        else:
+            nodes.append(node)
+    del graph_def.node[:]
+    graph_def.node.extend(nodes)
+
+    wrapped = tf.compat.v1.wrap_function(lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
+    pruned = wrapped.prune(feeds=[wrapped.graph.get_tensor_by_name(t.name) for t in frozen.inputs],
+                           fetches=[wrapped.graph.get_tensor_by_name(t.name) for t in frozen.outputs])
+    specs = fn.structured_input_signature[1]
+    order = [t.name.split(":")[0] for t in frozen.inputs]
+
+    def serve(**inputs):
+        outs = pruned(*[inputs[k] for k in order])
+        return tf.nest.pack_sequence_as(fn.structured_outputs, tf.nest.flatten(outs))
+
+    return tf.function(serve).get_concrete_function(**{k: specs[k] for k in order}), rewritten
+
+
+def _convert(converter) -> bytes:
+    import tensorflow as tf
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
+
+
+def _conversion_error(saved_model_dir, text: str) -> StepError:
+    import tensorflow as tf
+
+    ops = _converter_ops(text)
+    details = _rejected_signatures(text)
+    hint = (f" LiteRT has no kernel for: {', '.join(ops)}" if ops else "")
+    hint += f" ({', '.join(details)})." if details else ("." if ops else "")
+    if any(o.startswith("Quantized") or o in ("type qint8", "type quint8") for o in ops):
+        hint += (" The SavedModel is already quantized (the int8 step's oneDNN form): run litert-dynamic on "
+                 "the float export, i.e. put it before 'int8' or after a plain 'export'.")
+    elif ops:
+        hint += (" These ops would need TensorFlow's Flex delegate (SELECT_TF_OPS), which ai-edge-litert's "
+                 "interpreter does not have; keep them out of the exported signature or use the onnx route.")
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return StepError(
+        f"The LiteRT converter (TensorFlow {tf.__version__}) cannot convert {saved_model_dir}.{hint} "
+        f"Converter said: {' / '.join(lines[:2])[:300]}"
+    )
+
+
 def convert_dynamic_range(saved_model_dir: str | os.PathLike, output_path: str | os.PathLike, *,
-                          signature: str = "serving_default") -> str:
+                          signature: str = "serving_default", notes: list[str] | None = None) -> str:
     """Convert a SavedModel signature to a dynamic-range quantized LiteRT model.
 
     ``tf.lite.TFLiteConverter.from_saved_model`` with ``optimizations=[tf.lite.Optimize.DEFAULT]``
     and no representative dataset: weights of large constant tensors become int8 (per channel),
-    activations stay float and are quantized at run time by the hybrid kernels.
+    activations stay float and are quantized at run time by the hybrid kernels. If the converter
+    rejects only int64 ``Abs``/``Sign`` (keras-hub DeBERTa-v3's relative positions), the frozen graph
+    is converted again with those ops in int32 (:data:`INT64_REWRITE_OPS`).
+
+    Args:
+        saved_model_dir: the SavedModel folder.
+        output_path: the .tflite file to write.
+        signature: the signature to convert.
+        notes: if given, a line saying what was rewritten is appended to it.
 
     Returns:
         The path written.
@@ -75,22 +177,21 @@ def convert_dynamic_range(saved_model_dir: str | os.PathLike, output_path: str |
     """
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[signature])
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
     try:
-        blob = conv.convert()
+        blob = _convert(tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[signature]))
     except Exception as exc:  # ConverterError and friends carry the MLIR diagnostics
         text = str(exc)
-        ops = _converter_ops(text)
-        hint = (f" LiteRT cannot represent: {', '.join(ops)}." if ops else "")
-        if any(o.startswith("Quantized") or o in ("type qint8", "type quint8") for o in ops):
-            hint += (" The SavedModel is already quantized (the int8 step's oneDNN form): run litert-dynamic on "
-                     "the float export, i.e. put it before 'int8' or after a plain 'export'.")
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        raise StepError(
-            f"The LiteRT converter (TensorFlow {tf.__version__}) cannot convert {saved_model_dir}.{hint} "
-            f"Converter said: {' / '.join(lines[:3])[:600]}"
-        ) from exc
+        if not _only_int64_rewritable(text):
+            raise _conversion_error(saved_model_dir, text) from exc
+        function, rewritten = _int32_rewritten_function(str(saved_model_dir), signature)
+        try:
+            # A trackable object selects the converter path that keeps the signature (name and I/O names).
+            blob = _convert(tf.lite.TFLiteConverter.from_concrete_functions([function], tf.Module()))
+        except Exception as exc2:
+            raise _conversion_error(saved_model_dir, str(exc2)) from exc2
+        if notes is not None:
+            notes.append(f"LiteRT has no int64 kernels for {', '.join(_rejected_signatures(text))}: {rewritten} "
+                         "such op(s) run in int32 instead (values are positions, far inside int32)")
     with atomic_file(output_path) as tmp:
         tmp.write_bytes(blob)
     return str(output_path)
@@ -120,7 +221,10 @@ class LiteRTDynamicStep(Step):
 
         require("ai_edge_litert", pip_name="ai-edge-litert", purpose="checking LiteRT models (litert-dynamic step)")
         ctx.log("  TFLiteConverter.from_saved_model + Optimize.DEFAULT (dynamic range)")
-        path = convert_dynamic_range(artifact.path, ctx.stage_dir / "model.tflite")
+        notes: list[str] = []
+        path = convert_dynamic_range(artifact.path, ctx.stage_dir / "model.tflite", notes=notes)
+        for note in notes:
+            ctx.note(note)
         ctx.note(f"LiteRT model {Path(path).stat().st_size / 1e6:.1f} MB; runs in ai_edge_litert's Interpreter "
                  "(XNNPACK on CPU)")
         return Artifact(kind=TFLITE_KIND, path=path, input_names=artifact.input_names)
