@@ -177,15 +177,25 @@ def test_winner_serves_in_a_fresh_process(labelled_run, labelled_tiny, tmp_path)
     assert acc >= report.reference_accuracy - 0.01
 
 
-def test_cosine_tolerance_breach_without_labels(bert_tiny, tmp_path):
+def test_cosine_breach_without_labels_and_fastest_of_any_format(bert_tiny, tmp_path):
     strict = Recipe("int8-strict", (StepSpec.of("int8", kernel="xla", tolerance=Tolerance(
         max_abs_diff=None, min_cosine=0.999999, max_accuracy_drop=None)),), "test: an impossible cosine bound")
-    report = optimize_auto(bert_tiny, tmp_path / "a", recipes=[strict], shapes=[(1, 16)], runs=3, warmup=1)
+    out = tmp_path / "a"
+    report = optimize_auto(bert_tiny, out, recipes=[strict, "litert-dynamic"], formats="all", shapes=[(1, 16)],
+                           runs=3, warmup=1)
     assert report.reference_accuracy is None and "cosine tolerance" in report.budget_rule
     c = report.candidate("int8-strict")
     assert c.status == "dropped" and "cosine" in c.reason and "< 0.999999" in c.reason
     assert 0.98 < c.min_cosine < 0.999999 and c.measurements  # a real int8 model, timed, over this bound
-    assert report.winner == "export"
+    assert report.winner == "export"  # the only SavedModel left within its tolerance
+    # formats="all": the fastest artifact of any format is named, and copied beside the SavedModel
+    kept = [c for c in report.candidates if c.status == "kept"]
+    assert {c.name for c in kept} == {"export", "litert-dynamic"}
+    assert report.fastest_artifact == max(kept, key=lambda c: c.score).name
+    if report.fastest_artifact == "litert-dynamic":
+        assert report.fastest_artifact_path.startswith("fastest/") and (out / report.fastest_artifact_path).is_file()
+    else:
+        assert report.fastest_artifact_path == "saved_model" and not (out / "fastest").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,3 +227,16 @@ def test_cli_auto_errors_exit_2(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_optimize_runs_given_steps_or_searches_never_both(bert_tiny, tmp_path):
+    import tfaccel
+    from tfaccel.errors import PlanError
+
+    with pytest.raises(PlanError, match="not both"):
+        tfaccel.optimize(bert_tiny, tmp_path / "x", auto=True, steps=["export"])
+    with pytest.raises(PlanError, match="max_accuracy_drop is in accuracy points"):
+        tfaccel.optimize(bert_tiny, tmp_path / "x", max_accuracy_drop=-1)
+    report = tfaccel.optimize(bert_tiny, tmp_path / "steps", steps=["export"], measure=False)
+    assert [s.step for s in report.stages] == ["reference", "export"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "steps"]  # the refused calls wrote nothing

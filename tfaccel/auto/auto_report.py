@@ -150,7 +150,7 @@ def ranked_table(report: AutoReport) -> list[str]:
             row += [f"{m['p50_ms']:.1f}" if m else "-", f"{sp:.2f}x" if sp else "-"]
         if has_acc:
             row.append(f"{c.accuracy:.4f}" if c.accuracy is not None else "-")
-            row.append(f"{-c.accuracy_drop_points:+.2f}" if c.accuracy_drop_points is not None else "-")
+            row.append(f"{0.0 - c.accuracy_drop_points:+.2f}" if c.accuracy_drop_points is not None else "-")
         row.append(f"{c.min_cosine:.6f}" if c.min_cosine is not None else "-")
         row.append(f"{c.size_bytes / 1e6:.1f}" if c.size_bytes else "-")
         ratio = c.size_bytes / base.size_bytes if c.size_bytes and base and base.size_bytes else None

@@ -314,7 +314,7 @@ def optimize_auto(
             cand.status = DROPPED if breaches else KEPT
             cand.reason = "over budget: " + "; ".join(breaches) if breaches else ""
             log(f"  built in {seconds:.0f}s, {cand.size_bytes / 1e6:.1f} MB, cosine {comp.min_cosine:.6f}"
-                + (f", accuracy {cand.accuracy:.4f} ({-cand.accuracy_drop_points:+.2f} pts)" if labelled else "")
+                + (f", accuracy {cand.accuracy:.4f} ({0.0 - cand.accuracy_drop_points:+.2f} pts)" if labelled else "")
                 + (f": DROPPED ({cand.reason})" if breaches else ": within budget"))
             if cand.name == BASELINE and breaches:
                 raise ValidationError(f"The baseline export does not match the reference: {'; '.join(breaches)}")
