@@ -45,16 +45,21 @@ ROW_LABELS: dict[tuple[str, ...], str] = {
     ("export",): "tfaccel export",
     ("export", "onnx"): "onnxruntime fp32",
     ("export", "onnx", "ort-int8"): "onnxruntime dynamic int8",
+    ("onnx-decoder",): "onnxruntime KV-cache decoder fp32 (prefill)",
+    ("onnx-decoder", "ort-decoder-int8"): "onnxruntime KV-cache decoder int8 (prefill)",
+    ("onnx-decoder", "ort-decoder-int4"): "onnxruntime KV-cache decoder int4 (prefill)",
 }
 
 # The steps that make each artifact kind from a Keras model: a step consuming that kind runs after them.
-PREREQUISITES: dict[str, tuple[str, ...]] = {"keras": (), "saved_model": ("export",), "onnx": ("export", "onnx")}
+PREREQUISITES: dict[str, tuple[str, ...]] = {"keras": (), "saved_model": ("export",), "onnx": ("export", "onnx"),
+                                             "onnx_decoder": ("onnx-decoder",)}
 
 RUNTIMES = {"keras": "keras", "saved_model": "tensorflow", "onnx": "onnxruntime", "tensorrt": "tensorrt",
-            "tflite": "litert"}
+            "tflite": "litert", "onnx_decoder": "onnxruntime", "tensorrt_decoder": "tensorrt"}
 
 # Steps whose math is not float32, by name; other steps are judged by their name, policy and tolerance.
-REDUCED_PRECISION = {"ort-int8": "int8", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
+REDUCED_PRECISION = {"ort-int8": "int8", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16",
+                     "ort-decoder-int8": "int8", "ort-decoder-int4": "int4", "tensorrt-decoder": "float16"}
 _REDUCED_WORDS = ("int8", "int4", "float16", "fp16", "bf16", "fp8", "quant", "prun", "sparse")
 
 
@@ -460,11 +465,55 @@ def signature_generate(signature: str = "generate_greedy", chain: tuple[str, ...
     return prepare
 
 
+def runner_generate(chain: tuple[str, ...]):
+    """Greedy generation through ``tfaccel.generation`` (what ``tfaccel generate`` runs) on the artifact
+    the tfaccel steps ``chain`` make: the generate SavedModel, an ONNX decoder or a TensorRT decoder."""
+
+    def prepare(ctx: BuildContext, spec: GenerationSpec, prompt: dict[str, np.ndarray]) -> Generator:
+        from tfaccel.artifacts import dir_size
+        from tfaccel.generation import load_generator
+
+        reason = not_applicable_reason(chain, ctx)
+        if reason:
+            raise NotApplicable(reason)
+        artifact, _ = build_chain(tuple(chain), ctx)
+        gen = load_generator(artifact.path)
+        ids = prompt["token_ids"].astype(np.int32)
+        mask = prompt["padding_mask"].astype(np.int32)
+        p = spec.prompt_tokens
+
+        def run():
+            return gen.generate(ids, spec.new_tokens, -1, padding_mask=mask)
+
+        def new_ids(res):
+            if not np.all(res.lengths == p + spec.new_tokens):
+                raise AssertionError(f"{gen.kind} returned lengths {res.lengths.tolist()}, expected {p + spec.new_tokens}")
+            return res.token_ids[:, p: p + spec.new_tokens]
+
+        info = {"artifact": gen.kind, "size_mb": round(dir_size(artifact.path) / 2**20, 1)}
+        info.update({k: v for k, v in getattr(gen, "info", {}).items()
+                     if k in ("quantization", "block_size", "per_channel", "reduce_range", "matmuls_quantized")})
+        return Generator(run=run, new_token_ids=new_ids, info=info)
+
+    return prepare
+
+
 def default_generation_rows() -> list[GenerationRow]:
     return [
         GenerationRow(name="keras-hub generate (greedy)", group="baseline", prepare=keras_hub_generate),
         GenerationRow(name="tfaccel generate: generate_greedy signature", group="tfaccel",
-                      prepare=signature_generate("generate_greedy"), steps=("generate",)),
+                      prepare=runner_generate(("generate",)), steps=("generate",)),
+        GenerationRow(name="tfaccel onnx-decoder: onnxruntime fp32, KV cache", group="tfaccel",
+                      prepare=runner_generate(("onnx-decoder",)), steps=("onnx-decoder",)),
+        GenerationRow(name="tfaccel ort-decoder-int8: onnxruntime dynamic int8, KV cache", group="tfaccel",
+                      prepare=runner_generate(("onnx-decoder", "ort-decoder-int8")),
+                      steps=("onnx-decoder", "ort-decoder-int8")),
+        GenerationRow(name="tfaccel ort-decoder-int4: MatMulNBits int4 weights, KV cache", group="tfaccel",
+                      prepare=runner_generate(("onnx-decoder", "ort-decoder-int4")),
+                      steps=("onnx-decoder", "ort-decoder-int4")),
+        GenerationRow(name="tfaccel tensorrt-decoder: TensorRT fp16, KV cache", group="tfaccel",
+                      prepare=runner_generate(("onnx-decoder", "tensorrt-decoder")),
+                      steps=("onnx-decoder", "tensorrt-decoder")),
     ]
 
 
@@ -487,6 +536,7 @@ class Workload:
     rows: list[RowSpec] = dataclasses.field(default_factory=default_rows)
     accuracy: bool = False  # measure accuracy on the source's eval split for every row
     generation: GenerationSpec | None = None
+    more_generation: list[GenerationSpec] = dataclasses.field(default_factory=list)  # e.g. the same at batch 8
     generation_rows: list[GenerationRow] = dataclasses.field(default_factory=default_generation_rows)
     step_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # Quick mode: make an eval split from synthetic inputs labelled by the Keras model itself.
@@ -504,6 +554,7 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
                                    note="quick mode: bert-tiny stands in for minilm-bbc; its eval labels are "
                                         "the Keras model's own predictions on synthetic inputs"),
             "gpt2-small": Workload("gpt2-small", "gpt2-tiny", [(1, 32)], generation=GenerationSpec(8, 8),
+                                   more_generation=[GenerationSpec(8, 8, batch=4)],
                                    step_options={"generate": {"max_new_tokens_cap": 16, "prompt_buckets": (32,)}},
                                    note="quick mode: gpt2-tiny stands in for gpt2-small"),
         }
@@ -515,5 +566,6 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
                                rows=default_rows() + [auto_row()],
                                note="all-MiniLM-L6-v2 fine-tuned on BBC News; accuracy on 200 held-out articles"),
         "gpt2-small": Workload("gpt2-small", "gpt2-small", [(1, 128)], generation=GenerationSpec(32, 64),
+                               more_generation=[GenerationSpec(32, 64, batch=8)],
                                note="GPT-2 small architecture (124M), random weights"),
     }
