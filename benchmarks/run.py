@@ -257,6 +257,7 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
 
     if w.generation is not None:
         result["generation"] = run_generation(w, ctx, args)
+        result["more_generation"] = [run_generation(w, ctx, args, spec=s) for s in w.more_generation]
     result["seconds"] = time.perf_counter() - t_start
     return result
 
@@ -269,10 +270,13 @@ def _loadavg() -> float | None:
         return None
 
 
-def run_generation(w: wl.Workload, ctx: wl.BuildContext, args) -> dict[str, Any]:
+def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.GenerationSpec | None = None) -> dict[str, Any]:
     """Time every generation row: one warm-up call (tracing, XLA), then timed whole generations
-    (a quarter of --runs, at least 3). Rows after the first are checked against the first row's tokens."""
-    spec = w.generation
+    (a quarter of --runs, at least 3). Rows after the first are checked against the first row's tokens.
+    Each row's peak resident memory (this process) is sampled from loading it to its last timed run."""
+    from tfaccel.measure import PeakRSS
+
+    spec = spec or w.generation
     runs = max(3, args.runs // 4)
     prompt = wl.generation_prompt(ctx.source.vocab_size, spec)
     out: dict[str, Any] = {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens, "batch": spec.batch,
@@ -283,7 +287,9 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args) -> dict[str, Any]
                                "error": None, "notes": []}
         out["rows"].append(row)
         log(f"-- {w.name} / {g.name}: {spec.prompt_tokens} prompt + {spec.new_tokens} new tokens, batch {spec.batch}")
+        mem, gen = PeakRSS(), None
         try:
+            mem.__enter__()
             gen = g.prepare(ctx, spec, prompt)
             row["load_average_before"] = _loadavg()
             t = time.perf_counter()
@@ -320,6 +326,12 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args) -> dict[str, Any]
             log(f"   FAILED: {row['error']}")
             if args.verbose:
                 traceback.print_exc()
+        finally:
+            mem.__exit__(None, None, None)
+            if row["status"] == "ok":
+                row.update(peak_rss_mb=mem.peak / 2**20, rss_growth_mb=mem.growth / 2**20)
+            del gen
+            gc.collect()
     base = next((r for r in out["rows"] if r["group"] == "baseline" and r["status"] == "ok"), None)
     for r in out["rows"]:
         if r["status"] == "ok" and base:
@@ -414,25 +426,27 @@ def to_markdown(results: dict[str, Any]) -> str:
         notes += [f"{r['name']} ({' -> '.join(r['steps'])}): {n}" for r in w["rows"] for n in r["notes"]]
         notes += [f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r["runner_stats"].items())
                   for r in w["rows"] if r.get("runner_stats")]
-        g = w.get("generation")
-        if g:
+        for g in [w.get("generation"), *(w.get("more_generation") or [])]:
+            if not g:
+                continue
             lines += ["", f"Greedy generation, batch {g['batch']}, {g['prompt_tokens']} prompt tokens + "
                           f"{g['new_tokens']} new tokens (tokens/s = new tokens / wall time, after one warm-up call; "
                           "same tokens = share of new tokens equal to the first row's):",
                       "", "| row | tokens/s | ms/token | wall p50 s | wall p95 s | runs | speed-up | same tokens "
-                          "| load average |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                          "| peak RSS MB | load average |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in g["rows"]:
                 if r["status"] == "n/a":
                     notes.append(f"{r['name']}: not applicable: {r['error']}")
                     continue
                 if r["status"] != "ok":
-                    lines.append(f"| {r['name']} | failed: {_cell(r['error'])} | | | | | | | |")
+                    lines.append(f"| {r['name']} | failed: {_cell(r['error'])} | | | | | | | | |")
                     continue
                 agree = r.get("token_agreement")
                 lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.1f} | "
                              f"{r['wall_p50_s']:.2f} | {r['wall_p95_s']:.2f} | {r['runs']} | "
                              f"{_fmt(r.get('speedup'), '.2f')}x | {'' if agree is None else f'{agree:.1%}'} | "
+                             f"{_fmt(r.get('peak_rss_mb'), '.0f')} | "
                              f"{r['load_average_before']} -> {r['load_average_after']} |")
                 notes += [f"{r['name']}: {n}" for n in r.get("notes", [])]
         if notes:
