@@ -116,24 +116,30 @@ def test_step_without_data_prunes_albert_shared_block_once_by_weight_importance(
                for n in stage.notes), stage.notes
 
 
-def test_step_distills_a_gated_decoder_into_a_smaller_model_that_reloads(tmp_path):
-    """Llama (gate/up/down, grouped KV heads) on tiny random token data, no labels: logits distillation."""
+def test_step_distills_a_gated_decoder_with_fewer_heads_into_a_smaller_model_that_reloads(tmp_path):
+    """Mistral (gate/up/down, 4 query heads in 2 key/value groups) on tiny random token data, no labels:
+    half the feed-forward units and one of the two key/value groups go, then logits distillation."""
     import keras
 
     from tfaccel import load_source
 
-    src = load_source("tiny:llama")
+    src = load_source("tiny:mistral")
     x = src.make_inputs(16, 16, seed=3)
-    report = Pipeline([StructuredPruneStep(fraction=0.5, data=x, epochs=1, batch_size=8)], **FAST).run(
-        src, tmp_path / "out")
+    step = StructuredPruneStep(fraction=0.5, head_fraction=0.5, data=x, epochs=1, batch_size=8)
+    report = Pipeline([step], **FAST).run(src, tmp_path / "out")
     stage = report.stage("prune-structured")
-    # The step's own tolerance (min cosine 0.5 against the input model) held: measured 0.99 here.
-    assert stage.status == "ok" and stage.comparison["min_cosine"] >= 0.5
+    # The step's own tolerance (min cosine 0.5 against the input model) held.
+    assert stage.status == "ok" and stage.comparison["min_cosine"] >= 0.5, stage.comparison
+    assert stage.params["head_fraction"] == 0.5
     assert any("intermediate_dim 64 -> 32 in 2 transformer layers; gate and up projections keep the same units"
                in n for n in stage.notes), stage.notes
+    assert any("attention heads: query 4 -> 2, key/value 2 -> 1 (head_dim 8) in 2 transformer layers" in n
+               for n in stage.notes), stage.notes
     assert any("distilled on arrays (16 examples) for 1 epoch(s)" in n for n in stage.notes)
     reloaded = keras.saving.load_model(tmp_path / "out" / "stages" / "01-prune-structured" / "model.keras")
-    assert reloaded.backbone.intermediate_dim == 32 and reloaded.count_params() < src.model.count_params()
+    config = reloaded.backbone.get_config()
+    assert (config["intermediate_dim"], config["num_query_heads"], config["num_key_value_heads"]) == (32, 2, 1)
+    assert reloaded.count_params() < src.model.count_params()
     for f in feedforward_layers(reloaded):
         assert f.up.kernel.shape[-1] == f.gate.kernel.shape[-1] == f.down.kernel.shape[0] == 32
     logits = reloaded.predict(x, verbose=0)
@@ -158,6 +164,62 @@ def test_step_and_function_errors_name_the_value():
     with pytest.raises(StepError, match="neither a keras_hub.models.Backbone nor a Task"):
         StructuredPruneStep().check(load_source(plain))  # what the benchmark harness asks before a row
     assert StructuredPruneStep.default_tolerance.max_accuracy_drop == 0.02
+
+
+def _tiny_gemma_mqa():
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=256, num_layers=2, num_query_heads=4,
+                                              num_key_value_heads=1, hidden_dim=32, intermediate_dim=64, head_dim=8)
+    return keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+
+
+# Grouped-query attention losing whole key/value groups (Mistral: kernels (hidden, heads, head_dim); Gemma:
+# (heads, hidden, head_dim)), and multi-query attention (Gemma, 1 key/value head) losing query heads.
+@pytest.mark.parametrize("family", ["mistral", "gemma", "gemma-mqa"])
+def test_fewer_heads_compute_exactly_what_the_original_computes_without_the_removed_heads(family):
+    from tfaccel.examples.families import tiny_source
+    from tfaccel.pruning.structured_pruning import attention_heads, prune_attention_heads
+    from tfaccel.sources import source_from_keras_model
+
+    src = source_from_keras_model(_tiny_gemma_mqa(), "gemma-mqa") if family == "gemma-mqa" else tiny_source(family)
+    model = src.model
+    heads = attention_heads(model)
+    nq, nkv = heads[0].num_query_heads, heads[0].num_key_value_heads
+    small, kept = prune_attention_heads(model, 0.5, inputs=src.sample_inputs)
+    config = backbone_of(small).get_config()
+    want_kv = 1 if nkv == 1 else nkv // 2
+    assert (config["num_query_heads"], config["num_key_value_heads"], config["head_dim"]) == (nq // 2, want_kv, 8)
+    assert small.count_params() < model.count_params()
+    group = nq // nkv
+    for k in kept:  # whole groups: a kept key/value head keeps all its query heads
+        assert len(k) == nq // 2
+        if nkv > 1:
+            assert all(set(range(q // group * group, q // group * group + group)) <= set(k) for q in k)
+    got = KerasRunner(small.backbone)(src.sample_inputs)
+    unchanged = KerasRunner(model.backbone)(src.sample_inputs)
+    # Reference: the original with the removed query heads' output-projection slices set to zero.
+    for a, k in zip(heads, kept, strict=True):
+        w = a.output.kernel.numpy()  # (heads, head_dim, hidden) in both layouts
+        w[np.setdiff1d(np.arange(nq), k)] = 0.0
+        a.output.kernel.assign(w)
+    want = KerasRunner(model.backbone)(src.sample_inputs)
+    for name in want:
+        assert np.all(np.isfinite(got[name]))
+        np.testing.assert_allclose(got[name], want[name], atol=5e-5, rtol=1e-5)
+    assert max(np.max(np.abs(unchanged[n] - want[n])) for n in want) > 2e-3  # removal does change outputs
+
+
+def test_head_pruning_is_refused_at_plan_time_where_the_config_derives_the_head_size():
+    from tfaccel import load_source
+
+    src = load_source("tiny:llama")
+    with pytest.raises(StepError, match="LlamaBackbone derives its head size from hidden_dim // num_heads"):
+        Pipeline([StructuredPruneStep(head_fraction=0.5)], **FAST).plan(src)
+    with pytest.raises(ValueError, match="head_fraction must be a number in \\[0, 1\\)"):
+        StructuredPruneStep(head_fraction=1.0)
 
 
 def test_a_family_without_a_known_feed_forward_is_refused_at_plan_time():

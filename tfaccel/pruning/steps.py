@@ -78,6 +78,10 @@ class StructuredPruneStep(Step):
 
     Args:
         fraction: share of feed-forward units removed, in (0, 1).
+        head_fraction: share of attention heads also removed, in [0, 1) (0: none, the default). Only
+            for backbones whose config states ``head_dim`` (Mistral, Gemma, Gemma 3, Qwen 3; others are
+            refused at plan time with the reason); grouped-query attention loses whole key/value groups
+            (:func:`tfaccel.pruning.structured_pruning.prune_attention_heads`).
         data: fine-tuning data: ``"auto"`` (the source's own training split where it has one: the
             BBC train split for ``minilm-bbc``; otherwise no fine-tuning), ``"none"``, an ``.npz`` path
             (one array per model input, optional ``labels``) or a ``.csv`` / ``.jsonl`` of texts
@@ -110,7 +114,8 @@ class StructuredPruneStep(Step):
 
     def __init__(self, fraction: float = 0.5, data: Any = "auto", epochs: int = 2, batch_size: int = 16,
                  learning_rate: float = 2e-4, temperature: float = 2.0, student_loss_weight: float = 0.5,
-                 importance: str = "activation", calibration_samples: int = 64, **kwargs):
+                 importance: str = "activation", calibration_samples: int = 64, head_fraction: float = 0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         real = (int, float)
         _require(not isinstance(fraction, bool) and isinstance(fraction, real) and 0.0 < fraction < 1.0,
@@ -126,7 +131,10 @@ class StructuredPruneStep(Step):
                  "calibration_samples", calibration_samples, "a positive int")
         if not (isinstance(data, (str, os.PathLike, dict, tuple)) or data is None):
             raise ValueError(f"data must be 'auto', 'none', an .npz path, a dict or an (inputs, labels) tuple. Received: {type(data).__name__}")
+        _require(not isinstance(head_fraction, bool) and isinstance(head_fraction, real) and 0.0 <= head_fraction < 1.0,
+                 "head_fraction", head_fraction, "a number in [0, 1) (0: keep every attention head)")
         self.fraction = fraction
+        self.head_fraction = head_fraction
         self.data = data
         self.epochs = epochs
         self.batch_size = batch_size
@@ -141,21 +149,25 @@ class StructuredPruneStep(Step):
         return {"fraction": self.fraction, "data": None if data is None else str(data), "epochs": self.epochs,
                 "batch_size": self.batch_size, "learning_rate": self.learning_rate, "temperature": self.temperature,
                 "student_loss_weight": self.student_loss_weight, "importance": self.importance,
-                "calibration_samples": self.calibration_samples}
+                "calibration_samples": self.calibration_samples, "head_fraction": self.head_fraction}
 
     def check(self, source) -> None:
-        """Raise StepError if this step cannot prune ``source`` (not a keras-hub transformer)."""
-        from tfaccel.pruning.structured_pruning import feedforward_layers
+        """Raise StepError if this step cannot prune ``source`` (not a keras-hub transformer, or heads
+        asked of a family whose config cannot express fewer heads)."""
+        from tfaccel.pruning.structured_pruning import attention_heads, feedforward_layers
 
         if source.kind != "keras" or source.model is None:
             raise StepError(f"prune-structured needs a Keras model; {source.name} is a {source.kind}.")
         feedforward_layers(source.model)
+        if self.head_fraction > 0:
+            attention_heads(source.model)
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.pruning.distillation import distill
         from tfaccel.pruning.structured_pruning import (
             backbone_of,
             feedforward_layers,
+            prune_attention_heads,
             prune_feedforward,
         )
 
@@ -180,6 +192,15 @@ class StructuredPruneStep(Step):
         gated = "; gate and up projections keep the same units" if ff[0].gate is not None else ""
         ctx.note(f"intermediate_dim {old_dim} -> {new_dim} in {where}{gated}; "
                  f"parameters {n_old:,} -> {n_new:,} ({n_new / n_old:.1%})")
+        kept_heads = None
+        if self.head_fraction > 0:
+            before = backbone_of(small).get_config()
+            small, kept_heads = prune_attention_heads(small, self.head_fraction, inputs=calibration, method=method)
+            after, n_heads = backbone_of(small).get_config(), small.count_params()
+            ctx.note(f"attention heads: query {before['num_query_heads']} -> {after['num_query_heads']}, key/value "
+                     f"{before['num_key_value_heads']} -> {after['num_key_value_heads']} (head_dim {after['head_dim']}) "
+                     f"in {len(kept_heads)} transformer layers; parameters {n_new:,} -> {n_heads:,} "
+                     f"({n_heads / n_old:.1%} of the original)")
         if resolved is not None and self.epochs > 0:
             inputs, labels, desc = resolved
             ctx.log(f"  distilling from the original model on {desc}, {self.epochs} epoch(s)")
@@ -194,4 +215,5 @@ class StructuredPruneStep(Step):
         small.save(str(path))
         return Artifact(kind="keras", path=str(path), model=small, dict_inputs=artifact.dict_inputs,
                         input_names=artifact.input_names,
-                        info={"intermediate_dim": new_dim, "kept_units": [k.tolist() for k in kept]})
+                        info={"intermediate_dim": new_dim, "kept_units": [k.tolist() for k in kept],
+                              **({"kept_query_heads": [k.tolist() for k in kept_heads]} if kept_heads else {})})

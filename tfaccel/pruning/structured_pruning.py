@@ -26,9 +26,13 @@ configs have one ``intermediate_dim`` for all layers). Importance of unit ``j`` 
   contribution to the layer output on real inputs;
 * ``"weight"`` (no data): ``||W_up[:, j]|| * ||W_down[j, :]||`` (times ``||W_gate[:, j]||`` if gated).
 
-Attention heads are not removed: keras-hub's BERT/GPT-2/Llama layers derive the head size from
-``hidden_dim // num_heads``, so a model with fewer heads of the same size cannot be expressed as their
-backbone config.
+Attention heads (:func:`prune_attention_heads`) can be removed where the backbone config states the
+head size (``head_dim``: Mistral, Gemma, Gemma 3, Qwen 3), so that fewer heads of the same size are a
+valid config. Grouped-query attention keeps its groups whole: with several key/value heads, whole
+groups go (a key/value head and the query heads that read it); with one (multi-query), query heads go.
+BERT, GPT-2, Llama, Qwen, Phi-3, Falcon, Bloom and the other families derive the head size from
+``hidden_dim // num_heads``: a model with fewer heads of the same size is not a config of theirs, so
+:func:`attention_heads` refuses them with that reason.
 """
 
 from __future__ import annotations
@@ -259,19 +263,35 @@ def feedforward_importance(model, inputs: dict[str, np.ndarray] | None = None, *
     return [(s / max(c, 1)) * w for s, c, w in zip(sums, counts, out_norms, strict=True)]
 
 
-def _rebuilt(model, intermediate_dim: int):
-    """A new model of the same class and config, with a smaller ``intermediate_dim``."""
+def _rebuild_with_sliced_weights(model, changes: dict[str, Any], sliced: dict[int, np.ndarray]):
+    """A new model with ``changes`` in its backbone config, given the old weights (``sliced[id(var)]``
+    where a weight was cut)."""
     import keras_hub
 
     backbone = backbone_of(model)
-    new_backbone = type(backbone).from_config({**backbone.get_config(), "intermediate_dim": int(intermediate_dim)})
+    new_backbone = type(backbone).from_config({**backbone.get_config(), **changes})
     if isinstance(model, keras_hub.models.Backbone):
-        return new_backbone
-    config = model.get_config()
-    config["backbone"] = new_backbone
-    if config.get("preprocessor") is not None:
-        config["preprocessor"] = model.preprocessor
-    return type(model).from_config(config)
+        new_model = new_backbone
+    else:
+        config = model.get_config()
+        config["backbone"] = new_backbone
+        if config.get("preprocessor") is not None:
+            config["preprocessor"] = model.preprocessor
+        new_model = type(model).from_config(config)
+    old_weights, new_weights = model.weights, new_model.weights
+    if len(old_weights) != len(new_weights):
+        raise StepError(
+            f"The rebuilt {type(new_model).__name__} has {len(new_weights)} weights, the original {len(old_weights)}; "
+            "cannot copy weights. Is the model a stock keras-hub class?"
+        )
+    for old, new in zip(old_weights, new_weights, strict=True):
+        value = sliced.get(id(old))
+        if value is None:
+            value = old.numpy()
+        if tuple(value.shape) != tuple(new.shape):
+            raise StepError(f"Weight {old.path} has shape {tuple(value.shape)} but the rebuilt model expects {tuple(new.shape)}.")
+        new.assign(value)
+    return new_model
 
 
 def prune_feedforward(model, fraction: float = 0.5, *, importance: list[np.ndarray] | None = None,
@@ -310,7 +330,6 @@ def prune_feedforward(model, fraction: float = 0.5, *, importance: list[np.ndarr
         )
     kept = [np.sort(np.argsort(-np.asarray(s), kind="stable")[:keep_n]) for s in importance]
 
-    new_model = _rebuilt(model, _intermediate_dim_for(model, keep_n))
     sliced = {}  # id(old variable) -> new value
     for f, idx in zip(ff, kept, strict=True):
         for proj in f.inputs:
@@ -318,21 +337,218 @@ def prune_feedforward(model, fraction: float = 0.5, *, importance: list[np.ndarr
             if getattr(proj, "bias", None) is not None:
                 sliced[id(proj.bias)] = np.asarray(proj.bias.numpy())[idx]
         sliced[id(f.down.kernel)] = np.asarray(f.down.kernel.numpy())[idx, :]
-    old_weights, new_weights = model.weights, new_model.weights
-    if len(old_weights) != len(new_weights):
-        raise StepError(
-            f"The rebuilt {type(new_model).__name__} has {len(new_weights)} weights, the original {len(old_weights)}; "
-            "cannot copy weights. Is the model a stock keras-hub class?"
-        )
-    for old, new in zip(old_weights, new_weights, strict=True):
-        value = sliced.get(id(old))
-        if value is None:
-            value = old.numpy()
-        if tuple(value.shape) != tuple(new.shape):
-            raise StepError(f"Weight {old.path} has shape {tuple(value.shape)} but the rebuilt model expects {tuple(new.shape)}.")
-        new.assign(value)
+    new_model = _rebuild_with_sliced_weights(model, {"intermediate_dim": _intermediate_dim_for(model, keep_n)}, sliced)
     for f in feedforward_layers(new_model):
         if not (f.units == keep_n and all(p.kernel.shape[-1] == keep_n for p in f.inputs)
                 and f.down.kernel.shape[0] == keep_n):
             raise StepError("The rebuilt model's feed-forward layers do not have the expected size.")
     return new_model, kept
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention heads
+
+#: ``(query, key, value, output)`` attribute names of the attention layers whose heads can be removed.
+ATTENTION_FORMS: tuple[tuple[str, str, str, str], ...] = (
+    ("_query_dense", "_key_dense", "_value_dense", "_output_dense"),  # Mistral, Qwen 3
+    ("query_dense", "key_dense", "value_dense", "output_dense"),  # Gemma, Gemma 3
+)
+_ATTENTION_ATTRS = ("_self_attention_layer", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionHeads:
+    """One transformer layer's (grouped-query) attention projections.
+
+    Attributes:
+        layer: the transformer layer.
+        query, key, value, output: the EinsumDense projections.
+        num_query_heads, num_key_value_heads, head_dim: the layer's head counts and size.
+    """
+
+    layer: Any
+    query: Any
+    key: Any
+    value: Any
+    output: Any
+    num_query_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1: multi-head attention)."""
+        return self.num_query_heads // self.num_key_value_heads
+
+
+def _head_axis(dense, heads: int, *, side: str) -> int:
+    """The kernel axis of an EinsumDense that indexes heads, from its equation (``bqm,muh->bquh``:
+    the head letter is the output's third for q/k/v, the input's third for the output projection)."""
+    equation = getattr(dense, "equation", None)
+    kernel = getattr(dense, "kernel", None)
+    if equation is None or kernel is None or getattr(dense, "bias", None) is not None:
+        raise StepError(f"{dense.name!r} is not a bias-free EinsumDense; cannot remove heads from it.")
+    inputs, out = equation.split("->")
+    x_spec, k_spec = inputs.split(",")
+    letter = (out if side == "in" else x_spec)[2]
+    axis = k_spec.index(letter)
+    if int(kernel.shape[axis]) != heads:
+        raise StepError(f"{dense.name!r} ({equation}, kernel {tuple(kernel.shape)}): axis {axis} is not {heads} heads.")
+    return axis
+
+
+def attention_heads(model) -> list[AttentionHeads]:
+    """The attention projections of every transformer layer, for head pruning.
+
+    Raises:
+        StepError: the family derives the head size from ``hidden_dim // num_heads`` (no ``head_dim`` in
+            its config), or its attention layer has no known form; the message says which.
+
+    Example:
+        >>> [(a.num_query_heads, a.num_key_value_heads) for a in attention_heads(model)]  # doctest: +SKIP
+        [(4, 2), (4, 2)]
+    """
+    backbone = backbone_of(model)
+    config = backbone.get_config()
+    name = type(backbone).__name__
+    if "head_dim" not in config or "num_query_heads" not in config or "num_key_value_heads" not in config:
+        raise StepError(
+            f"{name} derives its head size from hidden_dim // num_heads (its config has no head_dim), so a model "
+            "with fewer heads of the same size is not a config it can build: attention heads cannot be removed. "
+            "Head pruning supports backbones with head_dim, num_query_heads and num_key_value_heads (Mistral, "
+            "Gemma, Gemma 3, Qwen 3); prune feed-forward units only (head_fraction=0)."
+        )
+    out = []
+    for t, _ in _unique_layers(backbone):
+        attention = next((getattr(t, a) for a in _ATTENTION_ATTRS if getattr(t, a, None) is not None), None)
+        form = next((f for f in ATTENTION_FORMS if attention is not None
+                     and all(getattr(attention, a, None) is not None for a in f)), None)
+        if form is None:
+            raise StepError(f"{type(t).__name__} {t.name!r} has no attention layer with query/key/value/output "
+                            f"projections tfaccel knows ({'; '.join('/'.join(f) for f in ATTENTION_FORMS)}).")
+        q, k, v, o = (getattr(attention, a) for a in form)
+        nq, nkv = int(config["num_query_heads"]), int(config["num_key_value_heads"])
+        head_dim = int(q.kernel.shape[-1])
+        heads = AttentionHeads(layer=t, query=q, key=k, value=v, output=o, num_query_heads=nq,
+                               num_key_value_heads=nkv, head_dim=head_dim)
+        for dense, n, side in ((q, nq, "in"), (k, nkv, "in"), (v, nkv, "in"), (o, nq, "out")):
+            _head_axis(dense, n, side=side)
+        out.append(heads)
+    return out
+
+
+def head_importance(model, inputs: dict[str, np.ndarray] | None = None, *, method: str | None = None,
+                    batch_size: int = 16) -> list[np.ndarray]:
+    """Importance of every query head of every transformer layer (higher = keep).
+
+    ``"weight"``: ``||W_q[head]|| * ||W_o[head]||``; ``"activation"``: ``mean ||o_head|| * ||W_o[head]||``
+    where ``o_head`` is the head's attention output (the output projection's input) on ``inputs``.
+
+    Returns:
+        One array of shape ``(num_query_heads,)`` per transformer layer.
+
+    Example:
+        >>> head_importance(model, method="weight")[0].shape  # doctest: +SKIP
+        (4,)
+    """
+    method = method or ("activation" if inputs is not None else "weight")
+    if method not in ("activation", "weight"):
+        raise ValueError(f"method must be 'activation' or 'weight'. Received: method={method!r}")
+    if method == "activation" and inputs is None:
+        raise ValueError("method='activation' needs calibration inputs; pass inputs=... or use method='weight'.")
+    layers = attention_heads(model)
+
+    def per_head(dense, heads, side):
+        w = np.moveaxis(np.asarray(dense.kernel.numpy(), dtype=np.float64), _head_axis(dense, heads, side=side), 0)
+        return np.linalg.norm(w.reshape(heads, -1), axis=1)
+
+    out_norms = [per_head(a.output, a.num_query_heads, "out") for a in layers]
+    if method == "weight":
+        return [per_head(a.query, a.num_query_heads, "in") * o for a, o in zip(layers, out_norms, strict=True)]
+    sums = [np.zeros(a.num_query_heads) for a in layers]
+    counts = [0] * len(layers)
+    patched = []
+
+    def hook(index, dense, heads):
+        original = dense.call
+
+        def call(x, *args, **kwargs):  # (batch, seq, heads, head_dim): one slice per head
+            a = np.asarray(x, dtype=np.float32).reshape(-1, heads, x.shape[-1])
+            sums[index] += np.linalg.norm(a, axis=-1).sum(axis=0)
+            counts[index] += a.shape[0]
+            return original(x, *args, **kwargs)
+
+        return call
+
+    try:
+        for idx, a in enumerate(layers):
+            a.output.call = hook(idx, a.output, a.num_query_heads)
+            patched.append(a.output)
+        n = len(next(iter(inputs.values())))
+        for start in range(0, n, batch_size):
+            model({k: v[start:start + batch_size] for k, v in inputs.items()}, training=False)
+    finally:
+        for layer in patched:
+            vars(layer).pop("call", None)
+    return [(s / max(c, 1)) * w for s, c, w in zip(sums, counts, out_norms, strict=True)]
+
+
+def prune_attention_heads(model, fraction: float = 0.25, *, importance: list[np.ndarray] | None = None,
+                          inputs: dict[str, np.ndarray] | None = None, method: str | None = None):
+    """Remove ``fraction`` of the attention heads of every transformer layer; return a new, smaller
+    keras-hub model (same class and config except the head counts) with the kept weights.
+
+    With several key/value heads, whole groups go (a key/value head and the query heads reading it;
+    the query-to-key/value ratio stays): ``num_key_value_heads`` and ``num_query_heads`` shrink alike.
+    With one key/value head (multi-query) or none shared, query heads go and the key/value head stays.
+    A group's importance is the sum of its query heads' (:func:`head_importance`).
+
+    Args:
+        model: a keras-hub Backbone or Task whose config has ``head_dim`` (Mistral, Gemma, Gemma 3, Qwen 3).
+        fraction: share of heads (or groups) to remove, in (0, 1); at least one head or group stays.
+        importance: per-layer query-head scores; computed if None.
+        inputs: calibration inputs for activation importance.
+        method: importance method when ``importance`` is None.
+
+    Returns:
+        ``(new_model, kept)`` where ``kept[i]`` are the sorted query-head indices kept in layer ``i``.
+
+    Example:
+        >>> small, kept = prune_attention_heads(mistral, 0.5, method="weight")  # doctest: +SKIP
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be a number in (0, 1): the share of heads to remove. Received: fraction={fraction!r}")
+    layers = attention_heads(model)
+    first = layers[0]
+    nq, nkv, g = first.num_query_heads, first.num_key_value_heads, first.group_size
+    by_groups = nkv > 1
+    total = nkv if by_groups else nq
+    keep_n = max(1, int(round(total * (1.0 - fraction))))
+    if keep_n == total:
+        raise StepError(f"head fraction {fraction} of {total} {'key/value groups' if by_groups else 'query heads'} "
+                        "removes none; use a larger fraction or head_fraction=0.")
+    if importance is None:
+        importance = head_importance(model, inputs, method=method)
+    kept_q, kept_kv = [], []
+    for scores in importance:
+        scores = np.asarray(scores, dtype=np.float64)
+        if by_groups:
+            groups = np.sort(np.argsort(-scores.reshape(nkv, g).sum(axis=1), kind="stable")[:keep_n])
+            kept_kv.append(groups)
+            kept_q.append(np.concatenate([np.arange(k * g, (k + 1) * g) for k in groups]))
+        else:
+            kept_kv.append(np.arange(nkv))
+            kept_q.append(np.sort(np.argsort(-scores, kind="stable")[:keep_n]))
+    sliced = {}
+    for a, q_idx, kv_idx in zip(layers, kept_q, kept_kv, strict=True):
+        for dense, idx, n, side in ((a.query, q_idx, nq, "in"), (a.key, kv_idx, nkv, "in"),
+                                    (a.value, kv_idx, nkv, "in"), (a.output, q_idx, nq, "out")):
+            sliced[id(dense.kernel)] = np.take(np.asarray(dense.kernel.numpy()), idx,
+                                               axis=_head_axis(dense, n, side=side))
+    new_nq, new_nkv = len(kept_q[0]), len(kept_kv[0])
+    changes = {"num_query_heads": new_nq, "num_key_value_heads": new_nkv, "head_dim": first.head_dim}
+    new_model = _rebuild_with_sliced_weights(model, changes, sliced)
+    for a in attention_heads(new_model):
+        if (a.num_query_heads, a.num_key_value_heads, a.head_dim) != (new_nq, new_nkv, first.head_dim):
+            raise StepError("The rebuilt model's attention layers do not have the expected heads.")
+    return new_model, kept_q
