@@ -255,3 +255,16 @@ def test_cli_bad_data_file_exits_2_with_the_message(eval_inputs, tmp_path, flag,
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert str(tmp_path / "data.npz") in proc.stderr or flag == "--train-data"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.large
+def test_minilm_bbc_texts_with_class_names_match_the_examples_own_tokens_and_labels(minilm_bbc, tmp_path):
+    from tfaccel.examples import bbc_news
+
+    _, (texts, labels) = bbc_news.split()
+    rows = [{"text": t, "label": minilm_bbc.label_names[int(y)]} for t, y in zip(texts[:32], labels[:32], strict=True)]
+    (tmp_path / "bbc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    src = minilm_bbc.with_eval_data(tmp_path / "bbc.jsonl")
+    np.testing.assert_array_equal(src.eval_inputs["token_ids"], minilm_bbc.eval_inputs["token_ids"][:32])
+    np.testing.assert_array_equal(src.eval_labels, labels[:32])  # names mapped through the model's own label order
+    assert src.label_names == minilm_bbc.label_names

@@ -316,10 +316,10 @@ def _preprocessor(source, name: str, sequence_length: int):
             attached.sequence_length = sequence_length
         return attached
     preset = None
-    if source.kind == "keras" and source.path and Path(source.path).is_dir():
-        preset = source.path
-    elif source.name in _EXAMPLE_TOKENIZERS:
+    if source.name in _EXAMPLE_TOKENIZERS:
         preset = _EXAMPLE_TOKENIZERS[source.name]()
+    elif source.kind == "keras" and source.path and Path(source.path).is_dir():
+        preset = source.path  # a keras-hub preset / Hugging Face folder
     if preset is None:
         raise DataFileError(
             f"{name}: texts need the model's tokenizer, and {source.name!r} has none ({source.kind} source without a "
