@@ -263,14 +263,25 @@ def keras_export_footprint(model, inputs: Mapping[str, np.ndarray] | None = None
     return out
 
 
+# model.export footprints measured in this process, by _baseline_key: size and memory depend on the
+# variables' shapes and dtypes and the inputs' shapes, not on the weights' values.
+_BASELINES: dict[tuple, dict[str, int]] = {}
+
+
+def _baseline_key(model, inputs) -> tuple:
+    return (id(model), tuple((tuple(v.shape), str(v.dtype)) for v in model.variables),
+            tuple(sorted((k, np.shape(v)) for k, v in (inputs or {}).items())))
+
+
 def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None, workers: int = 2) -> None:
     """Fill in what every SavedModel stage of a pipeline run costs a server, against ``model.export``.
 
     For each SavedModel stage (and a SavedModel reference): size, stored variable values, and the resident
     memory a fresh process gains loading it and running it once (one child process per SavedModel, ``workers``
     at a time: each measures only its own RSS). For a Keras source, ``report.model_export`` gets the same for
-    a plain ``model.export`` of the reference, the baseline of the ratios in report.md. A SavedModel that
-    fails to load there gets a note, not an error (validation already ran it in this process).
+    a plain ``model.export`` of the reference, the baseline of the ratios in report.md (measured once per
+    model in a process). A SavedModel that fails to load there gets a note, not an error (validation
+    already ran it in this process).
 
     Args:
         report: the run's :class:`tfaccel.report.Report` (stage paths relative to ``work_dir``).
@@ -293,8 +304,12 @@ def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None, w
         if not (path / "saved_model.pb").exists():
             path = next((p.parent for p in sorted(path.rglob("saved_model.pb"))), path)
         jobs[pos] = path
+    baseline_key = _baseline_key(source.model, inputs) if source.kind == "keras" and source.model is not None else None
+    if baseline_key in _BASELINES:  # the same model (shapes and dtypes) measured earlier in this process
+        report.model_export = dict(_BASELINES[baseline_key])
+        baseline_key = None
     with tempfile.TemporaryDirectory(prefix="tfaccel-model-export-") as tmp:
-        if source.kind == "keras" and source.model is not None:
+        if baseline_key is not None:
             log("load footprint: model.export of the reference (the baseline)")
             try:
                 source.model.export(str(Path(tmp, "model_export")), format="tf_saved_model", verbose=False)
@@ -317,7 +332,7 @@ def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None, w
             if isinstance(fp, TfaccelError):
                 report.reference.notes.append(f"model.export baseline not measured: {str(fp).splitlines()[0]}")
             else:
-                report.model_export = fp
+                report.model_export = _BASELINES[baseline_key] = fp
             continue
         st = report.stages[key]
         if isinstance(fp, TfaccelError):
