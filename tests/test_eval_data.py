@@ -268,3 +268,13 @@ def test_minilm_bbc_texts_with_class_names_match_the_examples_own_tokens_and_lab
     np.testing.assert_array_equal(src.eval_inputs["token_ids"], minilm_bbc.eval_inputs["token_ids"][:32])
     np.testing.assert_array_equal(src.eval_labels, labels[:32])  # names mapped through the model's own label order
     assert src.label_names == minilm_bbc.label_names
+
+
+def test_cli_train_data_is_prune_structured_fine_tuning_data(good_npz, tmp_path):
+    proc = run_cli("optimize", "bert-tiny", "--steps", "prune-structured", "--train-data", str(good_npz),
+                   "--set", "prune-structured.epochs=1", "--on-breach", "warn", "--no-measure",
+                   "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = json.loads((tmp_path / "out" / "report.json").read_text())["stages"][1]
+    assert stage["step"] == "prune-structured" and stage["params"]["data"] == str(good_npz)
+    assert any(n.startswith(f"distilled on {good_npz} ({N} examples, labelled) for 1 epoch(s)") for n in stage["notes"])
