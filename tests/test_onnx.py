@@ -23,7 +23,11 @@ def test_onnx_matches_keras_with_dynamic_shapes(bert_tiny, onnx_model):
 def test_dynamic_int8_is_close_and_really_int8(bert_tiny, onnx_model, tmp_path):
     import onnx
 
-    q = quantize_dynamic_int8(onnx_model, tmp_path / "q.onnx")
+    from tfaccel.onnx import OrtInt8Step
+
+    st = OrtInt8Step().settings()  # this CPU's settings (both branches: tests/test_cpu_paths.py)
+    q = quantize_dynamic_int8(onnx_model, tmp_path / "q.onnx", per_channel=st["per_channel"],
+                              reduce_range=st["reduce_range"])
     ops = {n.op_type for n in onnx.load(q).graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, ops
     x = bert_tiny.sample_inputs

@@ -128,7 +128,8 @@ def merge_cpu_features(cpuinfo: dict[str, bool], cpuid: dict[str, bool] | None) 
     """
     if cpuid is None:
         return dict(cpuinfo)
-    agree = all(cpuinfo.get(k) == v for k, v in cpuid.items())
+    # vnni is left out of the comparison: /proc/cpuinfo's also counts AVX-VNNI, which numpy cannot see
+    agree = all(cpuinfo.get(k) == v for k, v in cpuid.items() if k != "vnni")
     merged = {k: (cpuinfo.get(k, False) and agree) for k in cpuinfo}
     merged.update(cpuid)
     if "vnni" in merged and not cpuid.get("vnni"):  # AVX-VNNI (256-bit) counts as VNNI; numpy cannot see it
@@ -155,6 +156,35 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def has_vnni(features: dict[str, bool]) -> bool:
+    """8-bit dot products with 32-bit sums in one instruction (AVX512-VNNI, AVX-VNNI or AMX int8)."""
+    return bool(features.get("vnni") or features.get("amx"))
+
+
+def ort_int8_settings_for(features: dict[str, bool]) -> dict[str, Any]:
+    """onnxruntime dynamic int8 settings for a CPU with these features, and why.
+
+    onnxruntime quantizes activations to uint8 and weights to int8 (U8S8). Without VNNI its x86 kernels
+    multiply with ``vpmaddubsw``, which adds pairs of u8*s8 products into a saturating int16: with full
+    8-bit weights large pairs clip (onnxruntime's quantization docs). 7-bit weights (``reduce_range``)
+    keep every pair sum in range; per-channel scales win back the precision the lost bit costs. With
+    VNNI (or AMX) the products accumulate exactly in int32, so full 8-bit per-tensor weights are kept.
+    Measured on bert-tiny, min cosine vs float32 (tests/test_cpu_paths.py): AVX2 (QEMU EPYC-Milan, as on
+    a Zen 3) 0.900 with 8-bit weights, 0.9996 with reduce_range + per_channel; AVX-512 VNNI 0.9996 with
+    8-bit per-tensor weights.
+
+    Example:
+        >>> ort_int8_settings_for({"avx2": True, "vnni": False})["reduce_range"]
+        True
+    """
+    if has_vnni(features):
+        return {"per_channel": False, "reduce_range": False,
+                "reason": "the CPU has VNNI/AMX int8: u8s8 products sum exactly in int32, full 8-bit weights"}
+    return {"per_channel": True, "reduce_range": True,
+            "reason": ("the CPU has no VNNI: onnxruntime's u8s8 kernels (vpmaddubsw) saturate 16-bit pair "
+                       "sums with 8-bit weights, so weights are 7-bit (reduce_range) with per-channel scales")}
 
 
 def legacy_keras_active() -> bool:
@@ -248,7 +278,7 @@ class Capabilities:
     @property
     def has_vnni(self) -> bool:
         """8-bit dot products with 32-bit sums in one instruction (AVX512-VNNI, AVX-VNNI or AMX int8)."""
-        return bool(self.cpu_features.get("vnni") or self.cpu_features.get("amx"))
+        return has_vnni(self.cpu_features)
 
     def int8_kernel_forms(self) -> dict[str, tuple[bool, str]]:
         """Which forms of the int8 step's products run here (see tfaccel.quantization.int8_kernels)."""
@@ -260,23 +290,8 @@ class Capabilities:
         }
 
     def ort_int8_settings(self) -> dict[str, Any]:
-        """onnxruntime dynamic int8 settings for this CPU, and why.
-
-        onnxruntime quantizes activations to uint8 and weights to int8 (U8S8). Without VNNI its x86 kernels
-        multiply with ``vpmaddubsw``, which adds pairs of u8*s8 products into a saturating int16: with
-        full 8-bit weights large pairs clip (onnxruntime's quantization docs). 7-bit weights
-        (``reduce_range``) keep every pair sum in range; per-channel scales win back the precision the
-        lost bit costs. With VNNI (or AMX) the products accumulate exactly in int32, so full 8-bit
-        per-tensor weights are kept. Measured on bert-tiny, min cosine vs float32: AVX2 (QEMU EPYC-Milan,
-        same as a Zen 3) 0.900 with 8-bit weights, 0.9996 with reduce_range + per_channel; AVX-512 VNNI
-        0.9996 with 8-bit per-tensor weights.
-        """
-        if self.has_vnni:
-            return {"per_channel": False, "reduce_range": False,
-                    "reason": "the CPU has VNNI/AMX int8: u8s8 products sum exactly in int32, full 8-bit weights"}
-        return {"per_channel": True, "reduce_range": True,
-                "reason": ("the CPU has no VNNI: onnxruntime's u8s8 kernels (vpmaddubsw) saturate 16-bit pair "
-                           "sums with 8-bit weights, so weights are 7-bit (reduce_range) with per-channel scales")}
+        """onnxruntime dynamic int8 settings for this CPU, and why (see :func:`ort_int8_settings_for`)."""
+        return ort_int8_settings_for(self.cpu_features)
 
     def ort_qdq_fused(self) -> tuple[bool, str]:
         """Whether onnxruntime should fuse Q/DQ graphs into its int8 kernels when checking them on this CPU.

@@ -38,11 +38,21 @@ class StepContext:
     stage_dir: Path
     log: Callable[[str], None]
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: (batch, sequence) pairs the run measures at: steps that choose a form by timing use them.
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: Set by a step that runs on hardware without native support for it (e.g. bfloat16 emulated on an
+    #: AVX2 CPU): once the stage is measured, the pipeline adds a note with the slowdown it measured.
+    hardware_warning: str | None = None
 
     def note(self, message: str) -> None:
         """Record a note (a warning or a fact) for this stage's row in the report."""
         self.notes.append(message)
         self.log(f"  note: {message}")
+
+    def warn_hardware(self, reason: str) -> None:
+        """Flag this stage as running without native hardware support (see ``hardware_warning``)."""
+        self.hardware_warning = reason
+        self.note(f"WARNING: {reason}; the measured slowdown follows the timing")
 
 
 class Step(abc.ABC):
@@ -98,7 +108,6 @@ class Step(abc.ABC):
     def spec(self) -> str:
         """The step as written in ``--steps``: ``name`` or ``name@from``."""
         return f"{self.name}@{self.start_from}" if self.start_from else self.name
-
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params()})"
@@ -357,7 +366,7 @@ class Pipeline:
             stage_name = f"{i:02d}-{step.name}"
             partial = work / "stages" / f".{stage_name}.partial"
             partial.mkdir(parents=True)
-            ctx = StepContext(source=source, stage_dir=partial, log=self.log)
+            ctx = StepContext(source=source, stage_dir=partial, log=self.log, shapes=list(self.shapes))
             t0 = time.perf_counter()
             try:
                 artifact = step.apply(parent, ctx)
@@ -394,6 +403,8 @@ class Pipeline:
                 breaches = own.breaches(step.tolerance)
                 if not breaches or policy == "warn":
                     self._measure(source, runner, stage)
+                    if ctx.hardware_warning:
+                        _note_measured_slowdown(ctx, stage, report.stages[parent_index])
                 if hasattr(runner, "stats"):  # e.g. XLA compilations the stage caused
                     stage.runner_stats = runner.stats()
                     self.log(f"  {stage.runner_stats}")
@@ -428,7 +439,6 @@ class Pipeline:
             done[i] = artifact
             index_of[id(artifact)] = i
             outputs_of[id(artifact)] = (out, acc)
-
             if artifact.kind == "saved_model" and not step.side_artifact:
                 final_saved_model = final_dir
         if final_saved_model is not None and final_saved_model.is_relative_to(work):
@@ -453,6 +463,15 @@ class Pipeline:
             stage.measurements.append(m.to_dict())
             self.log(f"  batch {batch} x seq {seq}: p50 {m.p50_ms:.1f} ms, p95 {m.p95_ms:.1f} ms, "
                      f"{m.throughput:.1f} samples/s")
+
+
+def _note_measured_slowdown(ctx: StepContext, stage: StageResult, parent: StageResult) -> None:
+    """Add the measured speed against the stage's input, shape by shape, to a hardware warning."""
+    before = {(m["batch"], m["seq"]): m["p50_ms"] for m in parent.measurements}
+    ratios = [f"{m['batch']}x{m['seq']}: {before[(m['batch'], m['seq'])] / m['p50_ms']:.2f}x its input's speed"
+              for m in stage.measurements if before.get((m["batch"], m["seq"])) and m["p50_ms"]]
+    if ratios:
+        ctx.note(f"measured on this machine ({ctx.hardware_warning}): " + ", ".join(ratios))
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -12,8 +12,11 @@ Speed on this project's machine (2-core AMD EPYC Zen 5, AVX-512 with VNNI) is in
 benchmarks/RESULTS.md (rows ``tfaccel int8`` / ``tfaccel int4`` beside ``model.export``);
 ``python -m tfaccel.quantization.benchmark`` compares the kernel forms with each other.
 
-"xla" is the default: it runs on any TensorFlow and is the fastest TensorFlow form at batch 1;
-"onednn" is the throughput choice for large batches of large models.
+``kernel="auto"`` is the default: the forms this machine runs (``Capabilities.int8_kernel_forms``;
+oneDNN's int8 op does not run on AVX2-only CPUs such as AMD Zen 3) are traced on the quantized model and
+timed round-robin at the run's shapes, and the fastest is written; the report's ``kernel_choice`` holds
+the timings. "xla" runs on any TensorFlow and was the fastest at batch 1 on AVX-512; "onednn" was the
+throughput choice for large batches of large models.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import json
 from typing import Any
 
 from tfaccel.artifacts import Artifact
-from tfaccel.errors import StepError
+from tfaccel.errors import PlanError, StepError
 from tfaccel.pipeline import Step, StepContext
 from tfaccel.quantization.int8_kernels import KERNELS, int8_kernels
 from tfaccel.quantization.keras_quantize import quantize_model
 from tfaccel.quantization.quantization_config import QuantizationConfig
 from tfaccel.quantization.quantization_report import QuantizationSummary
 from tfaccel.validation import Tolerance
+
+#: "auto" (default): time the forms that run here at the run's shapes and keep the fastest.
+KERNEL_CHOICES = ("auto", *KERNELS)
 
 # int8 weights and activations change logits by about 1%; what a user keeps is the prediction:
 # at most 1 point of accuracy on the eval split, and outputs still pointing the same way.
@@ -38,31 +44,80 @@ INT4_TOLERANCE = Tolerance(max_abs_diff=None, min_cosine=0.95, max_accuracy_drop
 
 
 def check_onednn_int8() -> None:
-    """Raise StepError if this TensorFlow cannot run oneDNN's int8 inner product.
+    """Raise StepError if this TensorFlow cannot run oneDNN's int8 inner product on this CPU.
+
+    The probe itself lives in :mod:`tfaccel.compat` (``Capabilities.onednn_int8``): TensorFlow 2.21's op
+    fails on AVX2-only CPUs (AMD Zen 3) and in builds or processes without oneDNN.
 
     Example:
-        >>> check_onednn_int8()  # doctest: +SKIP  (passes on x86-64 Linux TensorFlow wheels)
+        >>> check_onednn_int8()  # doctest: +SKIP  (passes on AVX-512 x86-64 Linux TensorFlow wheels)
     """
+    from tfaccel.compat import capabilities
+
+    ok, why = capabilities().int8_kernel_forms()["onednn"]
+    if not ok:
+        raise StepError(f"kernel='onednn' cannot run here: {why}. oneDNN's int8 kernels exist in x86-64 Linux/Windows "
+                        "TensorFlow builds with TF_ENABLE_ONEDNN_OPTS unset or 1, on CPUs with AVX-512. "
+                        "Use kernel='xla' (runs anywhere) or kernel='auto'.")
+
+
+def _time_kernel_forms(qmodel, forms: dict[str, bool], inputs_by_shape: dict[tuple[int, int], dict],
+                       rounds: int = 5, max_seconds: float = 20.0, log=None) -> tuple[dict, dict]:
+    """Trace ``qmodel``'s serving function once per int8 form, then time the forms round-robin.
+
+    Args:
+        forms: form -> jit_compile.
+        inputs_by_shape: (batch, seq) -> inputs.
+
+    Returns:
+        ({form: {"BxS": median ms}}, {form: why it was left out}).
+    """
+    import time
+
     import numpy as np
     import tensorflow as tf
 
-    from tfaccel.quantization.int8_kernels import int8_matmul_onednn
+    from tfaccel.quantization.int8_kernels import int8_kernels
+    from tfaccel.saved_model import keras_serving_fn
 
-    x = tf.constant(np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16))
-    kq = tf.constant(np.arange(-64, 64, dtype=np.int8).reshape(16, 8))
-    sums = tf.constant(kq.numpy().astype(np.float32).sum(0))
-    scale = tf.ones([8])
-    try:
-        got = int8_matmul_onednn(x, kq, scale, sums).numpy()
-    except Exception as exc:  # the op has no kernel in builds without oneDNN
-        raise StepError(
-            "kernel='onednn' needs TensorFlow's oneDNN int8 kernels, which this TensorFlow does not run "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). They exist in x86-64 "
-            "Linux/Windows builds with TF_ENABLE_ONEDNN_OPTS unset or 1. Use kernel='xla'."
-        ) from exc
-    want = x.numpy() @ kq.numpy().astype(np.float32)
-    if not np.allclose(got, want, atol=0.05 * np.abs(want).max()):
-        raise StepError("oneDNN's int8 inner product gave wrong results on this machine. Use kernel='xla'.")
+    fns, failed = {}, {}
+    for form, jit in forms.items():
+        try:
+            with int8_kernels(qmodel, form):
+                fn = keras_serving_fn(qmodel, jit_compile=jit)
+                per_shape = {}
+                for shape, x in inputs_by_shape.items():
+                    args = {k: tf.constant(v) for k, v in x.items()}
+                    cf = fn.get_concrete_function(args)  # traced inside the form's context: the form is baked in
+                    t0 = time.perf_counter()
+                    cf(args)  # XLA compiles here
+                    if log:
+                        log(f"    int8 kernel {form}: traced and first call at {shape[0]}x{shape[1]} in "
+                            f"{time.perf_counter() - t0:.1f}s")
+                    per_shape[shape] = (cf, args)
+            fns[form] = per_shape
+        except Exception as exc:  # a form the probe allowed but that fails on this model or CPU
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            failed[form] = f"failed on this model: {type(exc).__name__}: {first}"
+    times: dict[str, dict[tuple, list[float]]] = {f: {sh: [] for sh in inputs_by_shape} for f in fns}
+    t_end = time.perf_counter() + max_seconds
+    for r in range(rounds):
+        for form, per_shape in fns.items():
+            for shape, (cf, args) in per_shape.items():
+                t0 = time.perf_counter()
+                cf(args)
+                times[form][shape].append((time.perf_counter() - t0) * 1000)
+        if r >= 1 and time.perf_counter() > t_end:  # at least two rounds
+            break
+    medians = {f: {f"{b}x{q}": float(np.median(v)) for (b, q), v in sh.items()} for f, sh in times.items()}
+    return medians, failed
+
+
+def choose_kernel(medians: dict[str, dict[str, float]]) -> str:
+    """The form with the lowest mean latency relative to the fastest form at each shape."""
+    shapes = next(iter(medians.values())).keys()
+    best = {sh: min(m[sh] for m in medians.values()) for sh in shapes}
+    return min(medians, key=lambda f: sum(medians[f][sh] / best[sh] for sh in shapes))
 
 
 class _KerasQuantizeStep(Step):
@@ -104,8 +159,8 @@ class _KerasQuantizeStep(Step):
             p["weight_bytes_after"] = self.summary.weight_bytes_after
         return p
 
-    def _resolve_kernel(self, ctx: StepContext) -> None:
-        """Hook for subclasses: settle the kernel form before the model is written."""
+    def _resolve_kernel(self, ctx: StepContext, qmodel=None) -> None:
+        """Hook for subclasses: settle the kernel form before (``qmodel`` None) and after quantization."""
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.saved_model import write_saved_model
@@ -113,6 +168,7 @@ class _KerasQuantizeStep(Step):
         self._resolve_kernel(ctx)
         ctx.log(f"  Keras {self.mode} quantization of the selected layers")
         qmodel, summary = quantize_model(artifact.model, self.config, copy=True)
+        self._resolve_kernel(ctx, qmodel)
         summary.kernel = self.kernel
         self.summary = summary
         for line in summary.notes():
@@ -136,12 +192,13 @@ class Int8Step(_KerasQuantizeStep):
 
     Args:
         config: a :class:`QuantizationConfig` (mode is forced to "int8"), or its dict.
-        kernel: how int8 products run (see :mod:`tfaccel.quantization.int8_kernels`): "xla" (default:
-            int8 dot in an XLA-compiled serving function; runs on any TensorFlow; fastest at batch 1),
+        kernel: how int8 products run (see :mod:`tfaccel.quantization.int8_kernels`): "auto" (default:
+            time the forms that run on this machine at the run's shapes, keep the fastest), "xla" (int8
+            dot in an XLA-compiled serving function; runs on any TensorFlow),
             "onednn" (oneDNN's u8s8 int8 inner product, no XLA: fastest for large batches of a large
             model, slower than "xla" on small models; the SavedModel needs a TensorFlow with oneDNN,
             i.e. x86-64 Linux/Windows wheels with TF_ENABLE_ONEDNN_OPTS not 0), or "keras" (Keras' own
-            int8 calls, for comparison).
+            int8 calls, for comparison). An explicit form this machine cannot run is refused at plan time.
         jit_compile: XLA-compile the serving function. Default: False for "onednn" (XLA cannot
             compile oneDNN's quantized op), True otherwise.
         layer_types, include, exclude, keep_head, weight_only: shortcuts for the config fields.
@@ -155,22 +212,69 @@ class Int8Step(_KerasQuantizeStep):
     mode = "int8"
     default_tolerance = INT8_TOLERANCE
 
-    def __init__(self, config=None, *, kernel: str = "xla", jit_compile: bool | None = None, **kwargs):
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}. Received: kernel={kernel!r}")
+    def __init__(self, config=None, *, kernel: str = "auto", jit_compile: bool | None = None, **kwargs):
+        if kernel not in KERNEL_CHOICES:
+            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}. Received: kernel={kernel!r}")
         if kernel == "onednn" and jit_compile:
             raise ValueError("kernel='onednn' cannot be XLA-compiled (XLA has no kernel for oneDNN's quantized op). "
                              "Received: jit_compile=True; use kernel='xla' for an XLA-compiled int8 SavedModel.")
+        if kernel == "auto" and jit_compile is not None:
+            raise ValueError("With kernel='auto' each form gets its own jit_compile (xla and keras: True, onednn: "
+                             f"False). Received: jit_compile={jit_compile!r}; pass kernel='xla' or 'keras' to set it.")
         super().__init__(config, jit_compile=jit_compile if jit_compile is not None else kernel != "onednn", **kwargs)
+        self.requested_kernel = kernel
         self.kernel = kernel
+        self.kernel_choice: dict[str, Any] | None = None
         if self.config.weight_only:
-            self.kernel = "keras"  # weight-only layers run a float product on dequantized weights: nothing to rewrite
+            # weight-only layers run a float product on dequantized weights: nothing to rewrite
+            self.requested_kernel = self.kernel = "keras"
 
-    def _resolve_kernel(self, ctx: StepContext) -> None:
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        p["kernel_requested"] = self.requested_kernel
+        if self.kernel_choice is not None:
+            p["kernel_choice"] = self.kernel_choice
+        return p
+
+    def check(self, source) -> None:
+        """Refuse, before any work, a kernel form this machine cannot run."""
+        from tfaccel.compat import capabilities
+
+        if self.requested_kernel in ("onednn", "xla"):
+            ok, why = capabilities().int8_kernel_forms()[self.requested_kernel]
+            if not ok:
+                other = "kernel='xla' (runs anywhere) or kernel='auto'" if self.requested_kernel == "onednn" else \
+                    "kernel='auto' or kernel='keras'"
+                raise PlanError(f"Step 'int8' with kernel='{self.requested_kernel}' cannot run on this machine: {why}. "
+                                f"Use {other}.")
+
+    def _resolve_kernel(self, ctx: StepContext, qmodel=None) -> None:
         if self.kernel == "onednn":
             check_onednn_int8()
             ctx.note("int8 products run in oneDNN's int8 kernel: serve this SavedModel with a TensorFlow that has "
-                     "oneDNN (x86-64 Linux/Windows wheels); kernel='xla' gives one that runs anywhere")
+                     "oneDNN on a CPU that runs it (x86-64 Linux/Windows wheels, AVX-512); kernel='xla' gives one "
+                     "that runs anywhere")
+        if self.requested_kernel != "auto" or qmodel is None:
+            return
+        from tfaccel.compat import capabilities
+
+        available = capabilities().int8_kernel_forms()
+        forms = {f: f != "onednn" for f in KERNELS if available[f][0]}
+        excluded = {f: why for f, (ok, why) in available.items() if not ok}
+        shapes = ctx.shapes or [(1, ctx.source.default_seq)]
+        inputs = {tuple(sh): ctx.source.make_inputs(*sh) for sh in shapes}
+        ctx.log(f"  kernel='auto': timing int8 forms {', '.join(forms)} at "
+                + ", ".join(f"{b}x{q}" for b, q in inputs))
+        medians, failed = _time_kernel_forms(qmodel, forms, inputs, log=ctx.log)
+        excluded.update(failed)
+        if not medians:
+            raise StepError(f"No int8 kernel form runs on this model here: {excluded}")
+        self.kernel = choose_kernel(medians)
+        self.jit_compile = forms[self.kernel]
+        self.kernel_choice = {"chosen": self.kernel, "median_ms": medians, "left_out": excluded}
+        ctx.note(f"kernel='auto' chose '{self.kernel}': median ms " + "; ".join(
+            f"{f} " + ", ".join(f"{sh} {ms:.2f}" for sh, ms in m.items()) for f, m in medians.items())
+            + ("" if not excluded else "; left out: " + "; ".join(f"{f} ({why})" for f, why in excluded.items())))
 
 
 class Int4Step(_KerasQuantizeStep):

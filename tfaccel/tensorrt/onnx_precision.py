@@ -174,3 +174,20 @@ def quantize_onnx_qdq_int8(onnx_path: str | os.PathLike, output_path: str | os.P
     except Exception as exc:
         raise StepError(f"int8 Q/DQ quantization of {onnx_path} failed: {type(exc).__name__}: {exc}") from exc
     return str(output_path)
+
+
+def qdq_check_runner(path: str | os.PathLike):
+    """An onnxruntime runner for checking a Q/DQ int8 graph on this CPU's terms.
+
+    TensorRT computes a Q/DQ graph's products exactly (int8 x int8 -> int32). onnxruntime fuses the graph
+    into u8s8 kernels, which sum exactly with VNNI/AMX but saturate without it (bert-tiny cosine 0.905 on
+    AVX2 fused, 0.9999 unfused; QEMU EPYC-Milan). So the check runs fused where that is exact and unfused
+    elsewhere (:meth:`tfaccel.compat.Capabilities.ort_qdq_fused`); ``runner.qdq_fused`` says which.
+    """
+    from tfaccel.artifacts import OnnxRunner
+    from tfaccel.compat import capabilities
+
+    fused, why = capabilities().ort_qdq_fused()
+    runner = OnnxRunner(str(path), fuse_qdq=fused)
+    runner.qdq_fused, runner.qdq_reason = fused, why
+    return runner
