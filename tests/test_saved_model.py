@@ -13,8 +13,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_python
+
 from tfaccel import Pipeline, load_source
 from tfaccel.artifacts import KerasRunner, SavedModelRunner
 from tfaccel.export import export_saved_model
@@ -185,3 +185,23 @@ def test_report_compares_size_and_memory_with_model_export(bert_tiny, tmp_path):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["model_export"]["stored_values"] == base["stored_values"]
     assert "size vs model.export" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_savedmodel_with_ops_xla_cannot_compile_fails_naming_them(tmp_path):
+    import tensorflow as tf
+
+    from tfaccel.errors import StepError
+
+    class Stringy(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(np.ones((4, 2), "float32"))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.cast(tf.strings.length(tf.strings.as_string(x)), tf.float32) @ self.w}
+
+    module = Stringy()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
+    with pytest.raises(StepError, match=r"AsString.*Drop 'xla'"):
+        Pipeline(["xla"], measure=False, log=lambda m: None).run(load_source(str(tmp_path / "sm")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -101,8 +101,29 @@ class XlaStep(Step):
     def _apply_saved_model(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         ctx.log("  writing SavedModel with every signature XLA-compiled")
         info = write_xla_saved_model_from_saved_model(artifact.path, ctx.stage_dir)
+        _check_compiles(ctx.stage_dir, ctx.source.sample_inputs)
         ctx.note(f"SavedModel source: signatures {info['signatures']} XLA-compiled over the loaded functions, "
                  "variables kept; compiled per exact input shape (no sequence buckets: a SavedModel does not "
                  "record its maximum sequence length)")
         return XlaArtifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names,
                            info=info)
+
+
+def _check_compiles(path, inputs) -> None:
+    """Run serving_default once: raise a StepError naming the op XLA cannot compile, if any."""
+    import tensorflow as tf
+
+    from tfaccel.errors import StepError
+
+    try:
+        SavedModelRunner(str(path))(inputs)
+    except tf.errors.OpError as exc:
+        import re
+
+        text = str(exc.message)
+        ops = re.search(r"Detected unsupported operations when trying to compile graph \S+ on \S+: ([^(\n]+)", text)
+        what = f"ops without an XLA kernel: {ops.group(1).strip()}" if ops else text.strip().splitlines()[-1][:300]
+        raise StepError(
+            f"XLA cannot compile this SavedModel's serving_default ({what}). Drop 'xla' from --steps for this "
+            "model; the other steps need no XLA."
+        ) from exc
