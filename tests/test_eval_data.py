@@ -270,11 +270,15 @@ def test_minilm_bbc_texts_with_class_names_match_the_examples_own_tokens_and_lab
     assert src.label_names == minilm_bbc.label_names
 
 
-def test_cli_train_data_is_prune_structured_fine_tuning_data(good_npz, tmp_path):
-    proc = run_cli("optimize", "bert-tiny", "--steps", "prune-structured", "--train-data", str(good_npz),
-                   "--set", "prune-structured.epochs=1", "--on-breach", "warn", "--no-measure",
-                   "--out", str(tmp_path / "out"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stage = json.loads((tmp_path / "out" / "report.json").read_text())["stages"][1]
-    assert stage["step"] == "prune-structured" and stage["params"]["data"] == str(good_npz)
-    assert any(n.startswith(f"distilled on {good_npz} ({N} examples, labelled) for 1 epoch(s)") for n in stage["notes"])
+def test_cli_train_data_becomes_prune_structureds_data_option(good_npz):
+    from tfaccel.cli import _data_options, build_parser
+    from tfaccel.pipeline import step_from_spec
+
+    args = build_parser().parse_args(["optimize", "bert-tiny", "--steps", "export,prune-structured@reference",
+                                      "--train-data", str(good_npz), "--out", "unused"])
+    options: dict = {}
+    _data_options(args, ["export", "prune-structured@reference"], options)
+    step = step_from_spec("prune-structured@reference", **options["prune-structured"])
+    assert step.data == str(good_npz) and step.params()["data"] == str(good_npz)
+    with pytest.raises(ValueError, match="--train-data or --set prune-structured.data=..., not both"):
+        _data_options(args, ["prune-structured"], {"prune-structured": {"data": "x.npz"}})

@@ -279,7 +279,7 @@ def _labels_from_array(raw: np.ndarray, name: str, source) -> tuple[np.ndarray, 
             "For one-hot labels use labels.argmax(-1)."
         )
     if raw.dtype.kind in "US":
-        return _labels_from_strings([str(s).strip() for s in raw], name, source)
+        return _labels_from_strings([s.strip() for s in raw.astype(str)], name, source)  # bytes decode too
     if raw.dtype.kind not in "iu":
         raise DataFileError(
             f"{name}: 'labels' has dtype {raw.dtype}; labels are class indices. Save them as integers "
