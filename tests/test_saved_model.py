@@ -154,12 +154,12 @@ def test_savedmodel_only_source_through_xla(tmp_path):
     made = _plain_tf_saved_model(tmp_path / "plain")
     src = load_source(str(tmp_path / "plain"))
     assert src.kind == "saved_model"
-    report = Pipeline(["xla"], shapes=[(1, 8)], runs=2, warmup=1, log=lambda m: None).run(src, tmp_path / "out")
+    report = Pipeline(["xla"], measure=False, log=lambda m: None).run(src, tmp_path / "out")
     st = report.stage("xla")
     assert st.status == "ok" and st.comparison["max_abs_diff"] < 1e-4  # vs the source SavedModel
     final = tmp_path / "out" / "saved_model"
     # variables kept as variables (not frozen into the graph), each once
-    assert stored_values(final) == made["values"] == st.stored_values
+    assert stored_values(final) == made["values"]
     # served the way TF Serving loads it, and equal to the tf.Module's own output
     got = check_servable(final, inputs=made["inputs"])["outputs"]["logits"]
     np.testing.assert_allclose(got, made["logits"], atol=1e-5)
@@ -170,9 +170,6 @@ def test_savedmodel_only_source_through_xla(tmp_path):
     assert sorted(marked) == ["head", "serving_default"] and all(n >= 1 for n in marked.values()), marked
     head = SavedModelRunner(str(final), signature="head")({"features": np.ones((2, 16), "float32")})
     np.testing.assert_allclose(head["scores"].sum(1), 1.0, rtol=1e-5)
-    # the report's memory section: the source and the xla stage, measured in fresh processes
-    assert report.reference.load_rss_bytes > 0 and st.load_rss_bytes > 0
-    assert "SavedModel size and memory after loading" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_report_compares_size_and_memory_with_model_export(bert_tiny, tmp_path):
