@@ -31,7 +31,7 @@ demo: $(STAMP)
 	@sed -n '/^\*\*Winner/p; /^| rank |/,/^$$/p' demo-out/report.md
 
 test: $(STAMP)
-	$(PY) -m pytest tests --nbmake --nbmake-timeout=1200 notebooks -p no:cacheprovider
+	$(PY) -m pytest tests --nbmake --nbmake-timeout=1200 notebooks -p no:cacheprovider --durations=30
 
 # The hardware-dependent tests again, deciding as an AVX2-only CPU (AMD Zen 3) would: tfaccel's ISA cap and
 # XLA's own. Not oneDNN's ONEDNN_MAX_CPU_ISA: TensorFlow still picks oneDNN's bf16 matmul from CPUID, and the
