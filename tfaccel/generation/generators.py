@@ -68,7 +68,8 @@ class SavedModelGenerator(Generator):
             out = self._fn(token_ids=tf.constant(ids), padding_mask=tf.constant(mask),
                            max_new_tokens=tf.constant(max_new_tokens), stop_token_id=tf.constant(stop_token_id))
         except tf.errors.InvalidArgumentError as exc:
-            if "prompt bucket" in str(exc):
+            # the export's bucket assertion, or the padding to the largest bucket failing first in graph mode
+            if "prompt bucket" in str(exc) or "Paddings must be non-negative" in str(exc):
                 raise InputMismatchError(
                     f"The prompt ({ids.shape[1]} tokens) is longer than the largest prompt bucket of {self.path}. "
                     "Shorten it, or rebuild with a larger bucket (--set generate.prompt_buckets=...).") from exc

@@ -1,7 +1,8 @@
 """keras-hub CausalLM -> ONNX decoder with an explicit KV cache: one merged graph for prefill and decode.
 
 The graph is one decode step written as a ``tf.function`` around the model's own keras-hub layers,
-exported as a SavedModel into a temporary folder and converted with tf2onnx (:func:`convert_saved_model`):
+exported as a SavedModel (each weight once, :mod:`tfaccel.saved_model`) into a temporary folder and
+converted with tf2onnx (:func:`convert_saved_model`):
 
     inputs   input_ids        int32 [batch, new]              the new tokens (the prompt, or one token)
              attention_mask   int32 [batch, past + new]       1 on positions a token may attend to
@@ -106,8 +107,20 @@ def decoder_layout(causal_lm) -> DecoderLayout:
                          max_length=getattr(bb, "max_sequence_length", None), dtype=str(causal_lm.compute_dtype))
 
 
-def make_decoder_step(causal_lm):
+# The token embedding and the LM head enter the traced graph as inputs and become ONNX initializers after
+# conversion: tf2onnx 1.17 with TF 2.21 peaks at ~16 GB on one 50257 x 768 constant (measured: a Gather plus a
+# MatMul on it), which no 2-core, 24 GiB machine here survives; the transformer's own matrices are small.
+EMBEDDING_INPUT = "tfaccel_token_embedding"
+LM_HEAD_INPUT = "tfaccel_lm_head"
+
+
+def make_decoder_step(causal_lm, external_embeddings: bool = False):
     """The decode step as a function of a dict of tensors (see the module docstring), and its signature.
+
+    Args:
+        causal_lm: a supported keras-hub CausalLM.
+        external_embeddings: take the token embedding ``[vocab, hidden]`` and the LM head ``[hidden, vocab]``
+            as inputs (``EMBEDDING_INPUT``, ``LM_HEAD_INPUT``) instead of reading the model's variables.
 
     Returns:
         (fn, input_signature): ``fn(inputs) -> {"logits": ..., "present_0": ..., ...}``.
@@ -122,6 +135,23 @@ def make_decoder_step(causal_lm):
     bb = causal_lm.backbone
     dtype = tf.as_dtype(layout.dtype)
     embed = _FAMILIES[layout.family]
+    emb_layer = bb.token_embedding
+
+    def lookup(ids, inputs):
+        if not external_embeddings:
+            return emb_layer(ids)
+        return tf.cast(tf.gather(inputs[EMBEDDING_INPUT], ids), dtype)
+
+    def lm_head(x, inputs):
+        if not external_embeddings:
+            return emb_layer(x, reverse=True)
+        kernel = inputs[LM_HEAD_INPUT]
+        if emb_layer.reverse_dtype is not None:
+            x, kernel = tf.cast(x, emb_layer.reverse_dtype), tf.cast(kernel, emb_layer.reverse_dtype)
+        logits = tf.matmul(x, tf.cast(kernel, x.dtype))
+        if emb_layer.logit_soft_cap is not None:
+            logits = tf.tanh(logits / emb_layer.logit_soft_cap) * emb_layer.logit_soft_cap
+        return logits
 
     def step(inputs):
         ids = inputs["input_ids"]
@@ -129,7 +159,7 @@ def make_decoder_step(causal_lm):
         batch, new = tf.shape(ids)[0], tf.shape(ids)[1]
         past_len = tf.shape(inputs["past_0"])[2]
         total = past_len + new
-        x = bb.token_embedding(ids)
+        x = lookup(ids, inputs)
         if embed == "token+position":
             positions = bb.position_embedding(x, start_index=past_len)
             x = bb.embeddings_add((x, positions))
@@ -143,14 +173,50 @@ def make_decoder_step(causal_lm):
                              self_attention_cache_update_index=past_len)
             out[f"present_{i}"] = tf.identity(cache, name=f"present_{i}")
         x = bb.layer_norm(x)
-        out["logits"] = tf.cast(bb.token_embedding(x, reverse=True), tf.float32)
+        out["logits"] = tf.cast(lm_head(x, inputs), tf.float32)
         return out
 
     sig = {"input_ids": tf.TensorSpec([None, None], tf.int32, name="input_ids"),
            "attention_mask": tf.TensorSpec([None, None], tf.int32, name="attention_mask")}
     for name in layout.past_names():
         sig[name] = tf.TensorSpec([None, 2, None, layout.num_kv_heads, layout.head_dim], dtype, name=name)
+    if external_embeddings:
+        table, head = embedding_weights(causal_lm)
+        sig[EMBEDDING_INPUT] = tf.TensorSpec(table.shape, tf.as_dtype(table.dtype), name=EMBEDDING_INPUT)
+        sig[LM_HEAD_INPUT] = tf.TensorSpec(head.shape, tf.as_dtype(head.dtype), name=LM_HEAD_INPUT)
     return step, [sig]
+
+
+def embedding_weights(causal_lm):
+    """(token embedding ``[vocab, hidden]``, LM head ``[hidden, vocab]``) as numpy arrays."""
+    import numpy as np
+
+    layer = causal_lm.backbone.token_embedding
+    table = np.asarray(layer.embeddings)
+    head = table.T if layer.tie_weights else np.asarray(layer.reverse_embeddings)
+    return table, np.ascontiguousarray(head)
+
+
+def _attach_embeddings(onnx_path: Path, causal_lm) -> None:
+    """Turn the embedding inputs of a converted decoder into initializers holding the model's weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tfaccel.artifacts import atomic_file
+
+    model = onnx.load(str(onnx_path))
+    table, head = embedding_weights(causal_lm)
+    values = {EMBEDDING_INPUT: table, LM_HEAD_INPUT: head}
+    graph = model.graph
+    missing = set(values) - {i.name for i in graph.input}
+    if missing:
+        raise StepError(f"The converted decoder has no inputs {sorted(missing)}; tf2onnx renamed them.")
+    keep = [i for i in graph.input if i.name not in values]
+    del graph.input[:]
+    graph.input.extend(keep)
+    graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in values.items())
+    with atomic_file(onnx_path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 @contextlib.contextmanager
@@ -210,25 +276,24 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, log
         >>> layout.num_layers  # doctest: +SKIP
         12
     """
-    import keras
     import tensorflow as tf
 
     from tfaccel.onnx.onnx_convert import convert_saved_model
+    from tfaccel.saved_model import write_keras_endpoints
 
     layout = decoder_layout(causal_lm)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    step, sig = make_decoder_step(causal_lm)
+    step, sig = make_decoder_step(causal_lm, external_embeddings=True)
     tmp = Path(tempfile.mkdtemp(prefix=".decoder-savedmodel-", dir=folder))
     try:
-        with _onnx_friendly_slice_update():
-            archive = keras.export.ExportArchive()
-            archive.track(causal_lm)
-            archive.add_endpoint("serving_default", tf.function(step, input_signature=sig))
-            archive.write_out(str(tmp / "saved_model"), verbose=False)
+        with _onnx_friendly_slice_update():  # each weight stored once: tf2onnx's memory peak halves
+            write_keras_endpoints(causal_lm, tmp / "saved_model",
+                                  {"serving_default": tf.function(step, input_signature=sig)})
         if log:
             log(f"  tf2onnx: converting the {layout.family} decode step ({layout.num_layers} layers)")
         convert_saved_model(tmp / "saved_model", folder / DECODER_FILE, opset=opset, log=None)
+        _attach_embeddings(folder / DECODER_FILE, causal_lm)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     from tfaccel.artifacts import output_names_of

@@ -87,9 +87,24 @@ def gemm_to_matmul(model):
             new_nodes.append(helper.make_node("Add", [mm_out, bias], [node.output[0]], name=f"{node.name}_Add"))
         count += 1
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(_fold_shapes_of_constants(new_nodes, graph, inits))
     _drop_unused_initializers(model)
     return count
+
+
+def _fold_shapes_of_constants(nodes, graph, inits):
+    """``Shape(initializer)`` -> a constant, so a weight only read for its shape is not kept in float."""
+    from onnx import helper, numpy_helper
+
+    out = []
+    for node in nodes:
+        if node.op_type == "Shape" and node.input[0] in inits and not node.attribute:
+            dims = np.array(list(inits[node.input[0]].dims), dtype=np.int64)
+            graph.initializer.append(numpy_helper.from_array(dims, f"{node.output[0]}_folded"))
+            out.append(helper.make_node("Identity", [f"{node.output[0]}_folded"], list(node.output), name=node.name))
+        else:
+            out.append(node)
+    return out
 
 
 def _drop_unused_initializers(model) -> None:
@@ -165,15 +180,21 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     return info
 
 
-def matmul_to_nbits(model, *, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4) -> int:
-    """Replace every ``MatMul`` with a 2-D constant weight by ``com.microsoft.MatMulNBits`` (4 bits), in place.
+def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bool = True,
+                    accuracy_level: int = 4) -> int:
+    """Replace every ``MatMul`` with a 2-D constant weight by ``com.microsoft.MatMulNBits`` (4 or 8 bits), in place.
 
     The weights are packed by onnxruntime's own kernel (``quantize_matmul_4bits``, what
     ``MatMulNBitsQuantizer`` calls); this avoids the quantizer's extra dependency (``onnx_ir``), which
     onnxruntime 1.32 does not install. Returns the number of MatMuls replaced.
     """
     from onnx import helper, numpy_helper
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+    from onnxruntime.capi import _pybind_state
+
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8. Received: bits={bits!r}")
+    pack = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
+    per_byte = 8 // bits
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -189,22 +210,21 @@ def matmul_to_nbits(model, *, block_size: int = 32, symmetric: bool = True, accu
         rows, cols = w.shape
         k_blocks = (rows + block_size - 1) // block_size
         padded = np.pad(w, ((0, k_blocks * block_size - rows), (0, 0))) if k_blocks * block_size != rows else w
-        packed = np.zeros((cols, k_blocks, block_size // 2), dtype=np.uint8)
-        zero_points = np.zeros((cols, (k_blocks + 1) // 2), dtype=np.uint8)
+        packed = np.zeros((cols, k_blocks, block_size // per_byte), dtype=np.uint8)
+        zero_points = np.zeros((cols, (k_blocks + per_byte - 1) // per_byte), dtype=np.uint8)
         scales = np.zeros((cols, k_blocks), dtype=np.float32)
-        quantize_matmul_4bits(packed, np.ascontiguousarray(padded), scales, zero_points, block_size, cols, rows,
-                              symmetric)
+        pack(packed, np.ascontiguousarray(padded), scales, zero_points, block_size, cols, rows, symmetric)
         base = f"{node.input[1]}_{count}"
-        graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q4"),
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q{bits}"),
                                   numpy_helper.from_array(scales, f"{base}_scales")])
-        inputs = [node.input[0], f"{base}_Q4", f"{base}_scales"]
+        inputs = [node.input[0], f"{base}_Q{bits}", f"{base}_scales"]
         if not symmetric:
             graph.initializer.append(numpy_helper.from_array(zero_points, f"{base}_zero_points"))
             inputs.append(f"{base}_zero_points")
-        attrs = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
+        attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q4",
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
                                           domain="com.microsoft", **attrs))
         count += 1
     del graph.node[:]
