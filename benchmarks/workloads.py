@@ -292,6 +292,8 @@ def tfaccel_row(chain: Sequence[str], name: str | None = None) -> RowSpec:
         if reason:
             raise NotApplicable(reason)
         steps = planned_chain(chain, ctx)
+        if steps[len(chain):] == ("export",) and _produced_kind(chain) in ("onnx_decoder", "tensorrt_decoder"):
+            steps = chain  # a decoder row serves its decoder, not the SavedModel plan() appends for the run
         artifact, _ = build_chain(steps, ctx)
         total = sum(ctx.cache[("chain", steps[:i])][1] for i in range(1, len(steps) + 1))
         return Built(load=artifact.runner, size_bytes=artifact.size_bytes(), kind=artifact.kind,
