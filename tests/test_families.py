@@ -6,9 +6,9 @@ expected refusal listed in EXPECTED_REFUSALS (a PlanError/StepError whose messag
 reason). Any other error, an unexpected refusal, or a listed refusal that now works fails the cell.
 
 CI runs every family through export, xla, mixed_bfloat16 and generate (CausalLMs), and the expensive
-steps (int8, onnx, ort-int8, litert-dynamic, prune-structured) on CI_SUBSET, which covers each
-architecture kind (BERT-style, DeBERTa's relative positions, ALBERT's shared layers, GPT-2 learned
-positions, grouped-KV rotary, Gemma3's soft-capping and sliding window, Falcon's ALiBi).
+steps (int8, onnx, ort-int8, litert-dynamic, prune-structured) on CI_SUBSET: BERT (MiniLM's
+architecture), DeBERTa-v3 (relative positions), Llama (grouped KV heads, rotary), Gemma3 (per-layer
+cache, sliding window, soft-capping) and Falcon (ALiBi), which keeps the matrix within about 4 minutes.
 TFACCEL_FULL_MATRIX=1 runs every cell; tools/family_matrix.py runs every cell and prints the README table.
 """
 
@@ -22,11 +22,16 @@ import pytest
 from family_matrix import DECODERS, FAMILIES, STEPS, cells, outcome, run_step
 
 # (family, step) -> the reason, a regex of the refusal's message. One table; the README quotes it.
+# LiteRT (TensorFlow 2.21's converter, builtin ops only): the decoders that build their attention mask
+# with a new-axis strided slice of an int/bool tensor (rotary/ALiBi families) need the Flex delegate.
+_LITERT_STRIDED_SLICE = r"StepError: The LiteRT converter .* cannot convert .*LiteRT has no kernel for: StridedSlice"
 EXPECTED_REFUSALS: dict[tuple[str, str], str] = {
+    **{(f, "litert-dynamic"): _LITERT_STRIDED_SLICE
+       for f in ("llama", "llama3", "mistral", "gemma", "gemma3", "qwen", "qwen3", "phi3", "falcon", "smollm3")},
 }
 
 EXPENSIVE = ("int8", "onnx", "ort-int8", "litert-dynamic", "prune-structured")
-CI_SUBSET = ("bert", "deberta_v3", "albert", "gpt2", "llama", "gemma3", "falcon")
+CI_SUBSET = ("bert", "deberta_v3", "llama", "gemma3", "falcon")
 FULL = os.environ.get("TFACCEL_FULL_MATRIX") == "1"
 
 

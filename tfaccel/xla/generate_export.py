@@ -190,7 +190,6 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
         >>> gen = tf.saved_model.load("gpt2-generate").signatures["generate_greedy"]  # doctest: +SKIP
         >>> gen(token_ids=ids, padding_mask=mask, max_new_tokens=tf.constant(64), stop_token_id=tf.constant(50256))  # doctest: +SKIP
     """
-    import keras
     import tensorflow as tf
 
     from tfaccel.causal_lm_spec import causal_lm_spec
@@ -236,13 +235,13 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
     def forward(inputs):
         return normalize_outputs(causal_lm(inputs, training=False), names)
 
-    archive = keras.export.ExportArchive()
-    archive.track(causal_lm)
-    archive.add_endpoint("serving_default", tf.function(forward, input_signature=[
-        {"token_ids": ids_spec, "padding_mask": mask_spec}]))
-    archive.add_endpoint("generate", tf.function(generate, input_signature=gen_sig))
-    archive.add_endpoint("generate_greedy", tf.function(generate_greedy, input_signature=gen_sig[:4]))
-    archive.write_out(str(folder), verbose=False)
+    from tfaccel.saved_model import write_keras_endpoints
+
+    write_keras_endpoints(causal_lm, folder, {  # each weight stored once (keras-team/keras#23553)
+        "serving_default": tf.function(forward, input_signature=[{"token_ids": ids_spec, "padding_mask": mask_spec}]),
+        "generate": tf.function(generate, input_signature=gen_sig),
+        "generate_greedy": tf.function(generate_greedy, input_signature=gen_sig[:4]),
+    })
     return {"family": spec.family, "prompt_buckets": list(buckets), "max_new_tokens_cap": max_new_tokens_cap,
             "max_length": spec.max_length, "jit_compile": jit}
 
