@@ -286,6 +286,10 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, log
     folder.mkdir(parents=True, exist_ok=True)
     step, sig = make_decoder_step(causal_lm, external_embeddings=True)
     tmp = Path(tempfile.mkdtemp(prefix=".decoder-savedmodel-", dir=folder))
+    # Saving traces again every tf.function the tracked model holds: keras-hub's compiled generate function
+    # would be retraced under the slice_update patch (and cached so). Keep it out of the export.
+    generate_function = getattr(causal_lm, "generate_function", None)
+    causal_lm.generate_function = None
     try:
         with _onnx_friendly_slice_update():  # each weight stored once: tf2onnx's memory peak halves
             write_keras_endpoints(causal_lm, tmp / "saved_model",
@@ -295,6 +299,7 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, log
         convert_saved_model(tmp / "saved_model", folder / DECODER_FILE, opset=opset, log=None)
         _attach_embeddings(folder / DECODER_FILE, causal_lm)
     finally:
+        causal_lm.generate_function = generate_function
         shutil.rmtree(tmp, ignore_errors=True)
     from tfaccel.artifacts import output_names_of
 

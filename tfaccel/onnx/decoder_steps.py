@@ -5,7 +5,9 @@ Each writes a decoder folder (``decoder.onnx`` + ``decoder.json``), a side artif
 (the decoder's ``attention_mask`` takes the padding mask, so every position is comparable); the step
 itself checks greedy generation against keras-hub's ``generate`` on the sample prompts: free-running
 token agreement, teacher-forced next-token agreement and next-token logits cosine, all in the report
-notes. The step fails when the next-token agreement is under ``min_token_agreement``.
+notes. The step fails when the next-token logits cosine is under ``min_next_token_cosine`` or the
+teacher-forced next-token agreement under ``min_token_agreement`` (None: reported, not enforced: random-weight
+models, like the built-in GPT-2 examples, have near-tied top logits that int8/int4 noise flips).
 """
 
 from __future__ import annotations
@@ -21,19 +23,27 @@ class _DecoderStepBase(Step):
 
     produces = "onnx_decoder"
     side_artifact = True
-    default_min_token_agreement = 1.0
+    default_min_token_agreement: float | None = 0.99
+    default_min_next_token_cosine: float = 0.9999
 
-    def __init__(self, check_new_tokens: int = 8, min_token_agreement: float | None = None, **kwargs):
+    def __init__(self, check_new_tokens: int = 8, min_token_agreement: float | None | str = "default",
+                 min_next_token_cosine: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(check_new_tokens, int) or check_new_tokens < 1:
             raise ValueError(f"check_new_tokens must be an int >= 1. Received: check_new_tokens={check_new_tokens!r}")
-        m = self.default_min_token_agreement if min_token_agreement is None else min_token_agreement
-        if not 0.0 <= m <= 1.0:
-            raise ValueError(f"min_token_agreement must be in [0, 1]. Received: min_token_agreement={m!r}")
-        self.check_new_tokens, self.min_token_agreement = check_new_tokens, float(m)
+        m = self.default_min_token_agreement if min_token_agreement == "default" else min_token_agreement
+        if m is not None and not 0.0 <= m <= 1.0:
+            raise ValueError(f"min_token_agreement must be in [0, 1] or None. Received: min_token_agreement={m!r}")
+        c = self.default_min_next_token_cosine if min_next_token_cosine is None else min_next_token_cosine
+        if not -1.0 <= c <= 1.0:
+            raise ValueError(f"min_next_token_cosine must be in [-1, 1]. Received: min_next_token_cosine={c!r}")
+        self.check_new_tokens = check_new_tokens
+        self.min_token_agreement = None if m is None else float(m)
+        self.min_next_token_cosine = float(c)
 
     def _base_params(self):
-        return {"check_new_tokens": self.check_new_tokens, "min_token_agreement": self.min_token_agreement}
+        return {"check_new_tokens": self.check_new_tokens, "min_token_agreement": self.min_token_agreement,
+                "min_next_token_cosine": self.min_next_token_cosine}
 
     def check(self, source):
         if source.task != "causal_lm" or source.kind != "keras":
@@ -51,7 +61,12 @@ class _DecoderStepBase(Step):
         ctx.note(f"greedy vs keras-hub generate on {res['prompts']} sample prompts x {res['new_tokens']} new tokens: "
                  f"{res['token_agreement']:.1%} of tokens the same (free-running), next-token argmax "
                  f"{res['next_token_agreement']:.1%}, next-token logits cosine min {res['next_token_cosine_min']:.5f}")
-        if res["next_token_agreement"] < self.min_token_agreement:
+        if res["next_token_cosine_min"] < self.min_next_token_cosine:
+            raise StepError(
+                f"Step '{self.name}': next-token logits cosine with the Keras model is {res['next_token_cosine_min']:.5f} "
+                f"< {self.min_next_token_cosine}. Loosen --set {self.name}.min_next_token_cosine=..., or use a less "
+                "lossy setting.")
+        if self.min_token_agreement is not None and res["next_token_agreement"] < self.min_token_agreement:
             raise StepError(
                 f"Step '{self.name}': the decoder's next token differs from keras-hub's on "
                 f"{1 - res['next_token_agreement']:.1%} of positions (allowed {1 - self.min_token_agreement:.1%}). "
@@ -68,8 +83,9 @@ class OnnxDecoderStep(_DecoderStepBase):
     Args:
         opset: ONNX opset.
         check_new_tokens: new tokens per sample prompt for the agreement check.
-        min_token_agreement: the lowest next-token agreement with keras-hub allowed (default 1.0: float32
-            decoding must pick keras-hub's tokens).
+        min_token_agreement: the lowest teacher-forced next-token agreement with keras-hub allowed (default
+            0.99: float32 decoding picks keras-hub's tokens; a float near-tie may flip one).
+        min_next_token_cosine: the lowest next-token logits cosine allowed (default 0.9999).
     """
 
     name = "onnx-decoder"
@@ -103,14 +119,17 @@ class OrtDecoderInt8Step(_DecoderStepBase):
     Args:
         per_channel: per-column weight scales (default on); None: ``tfaccel.compat``'s choice for this CPU.
         reduce_range: 7-bit weights; None (default): on for CPUs without VNNI.
-        min_token_agreement: lowest next-token agreement with keras-hub allowed (default 0.9).
+        min_token_agreement: lowest teacher-forced next-token agreement allowed (default None: reported only).
+        min_next_token_cosine: lowest next-token logits cosine allowed (default 0.99; measured 0.9991 on
+            gpt2-small with random weights).
     """
 
     name = "ort-decoder-int8"
     consumes = "onnx_decoder"
     # int8 weights and activations: logits move by ~1e-2 relative (measured cosine > 0.999 on gpt2-tiny)
     default_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.98, max_accuracy_drop=None)
-    default_min_token_agreement = 0.9
+    default_min_token_agreement = None
+    default_min_next_token_cosine = 0.99
 
     def __init__(self, per_channel: bool | None = True, reduce_range: bool | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -138,14 +157,18 @@ class OrtDecoderInt4Step(_DecoderStepBase):
         block_size: input rows per 4-bit block (16-256, default 32).
         symmetric: symmetric blocks without zero points (default).
         accuracy_level: MatMulNBits compute type (4: int8 activations, the fastest on x86).
-        min_token_agreement: lowest next-token agreement with keras-hub allowed (default 0.8).
+        min_token_agreement: lowest teacher-forced next-token agreement allowed (default None: reported only).
+        min_next_token_cosine: lowest next-token logits cosine allowed (default 0.9; measured 0.957 on
+            gpt2-small with random weights, block 32).
     """
 
     name = "ort-decoder-int4"
     consumes = "onnx_decoder"
-    # 4-bit weights: logits move by a few percent (measured cosine ~0.99 on gpt2-tiny, block 16)
-    default_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.95, max_accuracy_drop=None)
-    default_min_token_agreement = 0.8
+    # 4-bit weights: logits move by a few percent (measured cosine 0.99 on gpt2-tiny with block 16, 0.96 on
+    # gpt2-small with random weights and block 32)
+    default_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.9, max_accuracy_drop=None)
+    default_min_token_agreement = None
+    default_min_next_token_cosine = 0.9
 
     def __init__(self, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4, **kwargs):
         super().__init__(**kwargs)
