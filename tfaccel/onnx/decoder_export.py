@@ -89,22 +89,24 @@ class DecoderLayout:
 
 
 def decoder_layout(causal_lm) -> DecoderLayout:
-    """The cache layout of a supported keras-hub CausalLM.
+    """The cache layout of a supported keras-hub CausalLM (read by :func:`tfaccel.causal_lm_spec.causal_lm_spec`,
+    the one place that knows each family's cache).
 
     Raises:
         StepError: the model is not a CausalLM family this export knows.
     """
+    from tfaccel.causal_lm_spec import causal_lm_spec
+
     family = type(causal_lm).__name__
     if family not in _FAMILIES or not hasattr(causal_lm, "call_with_cache"):
         raise StepError(f"The ONNX decoder export supports the keras-hub CausalLM classes {', '.join(_FAMILIES)}. "
                         f"Received: {family}. Use the 'generate' step (SavedModel) for other models.")
-    bb = causal_lm.backbone
-    heads = getattr(bb, "num_heads", None) or bb.num_query_heads
-    kv_heads = getattr(bb, "num_key_value_heads", None) or heads
-    head_dim = getattr(bb, "head_dim", None) or bb.hidden_dim // heads
-    return DecoderLayout(family=family, num_layers=int(bb.num_layers), num_kv_heads=int(kv_heads),
-                         head_dim=int(head_dim), vocabulary_size=int(bb.vocabulary_size),
-                         max_length=getattr(bb, "max_sequence_length", None), dtype=str(causal_lm.compute_dtype))
+    spec = causal_lm_spec(causal_lm)
+    if spec.refusal:
+        raise StepError(spec.refusal)
+    return DecoderLayout(family=family, num_layers=int(spec.num_layers), num_kv_heads=int(spec.num_kv_heads),
+                         head_dim=int(spec.head_dim), vocabulary_size=int(causal_lm.backbone.vocabulary_size),
+                         max_length=spec.max_length, dtype=spec.cache_dtype)
 
 
 # The token embedding and the LM head enter the traced graph as inputs and become ONNX initializers after
