@@ -126,8 +126,10 @@ class TensorRTDecoderStep(Step):
         precision: "fp16" (default) or "fp32".
         max_batch, max_prompt, max_length: the engine's profile limits (batch, tokens per call, total
             length; the model's own maximum length caps the last).
-        check_new_tokens, min_token_agreement: the greedy check (default 0.9 next-token agreement: fp16
-            logits can flip near-ties).
+        check_new_tokens: new tokens per sample prompt for the greedy check against keras-hub.
+        min_next_token_cosine: lowest next-token logits cosine allowed (default 0.999, fp16's ~3 digits).
+        min_token_agreement: lowest teacher-forced next-token agreement (default None: reported only; fp16
+            flips near-tied logits of random-weight models).
     """
 
     name = "tensorrt-decoder"
@@ -138,22 +140,28 @@ class TensorRTDecoderStep(Step):
     default_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.999, max_accuracy_drop=None)
 
     def __init__(self, precision: str = "fp16", max_batch: int = 8, max_prompt: int = 128, max_length: int = 256,
-                 check_new_tokens: int = 8, min_token_agreement: float = 0.9, **kwargs):
+                 check_new_tokens: int = 8, min_next_token_cosine: float = 0.999,
+                 min_token_agreement: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be 'fp16' or 'fp32'. Received: precision={precision!r}")
         for name, v in (("max_batch", max_batch), ("max_prompt", max_prompt), ("max_length", max_length)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1. Received: {name}={v!r}")
-        if not 0.0 <= min_token_agreement <= 1.0:
-            raise ValueError(f"min_token_agreement must be in [0, 1]. Received: min_token_agreement={min_token_agreement!r}")
+        if min_token_agreement is not None and not 0.0 <= min_token_agreement <= 1.0:
+            raise ValueError(f"min_token_agreement must be in [0, 1] or None. Received: "
+                             f"min_token_agreement={min_token_agreement!r}")
+        if not -1.0 <= min_next_token_cosine <= 1.0:
+            raise ValueError(f"min_next_token_cosine must be in [-1, 1]. Received: "
+                             f"min_next_token_cosine={min_next_token_cosine!r}")
         self.precision, self.max_batch, self.max_prompt, self.max_length = precision, max_batch, max_prompt, max_length
-        self.check_new_tokens, self.min_token_agreement = int(check_new_tokens), float(min_token_agreement)
+        self.check_new_tokens, self.min_next_token_cosine = int(check_new_tokens), float(min_next_token_cosine)
+        self.min_token_agreement = None if min_token_agreement is None else float(min_token_agreement)
 
     def params(self):
         return {"precision": self.precision, "max_batch": self.max_batch, "max_prompt": self.max_prompt,
                 "max_length": self.max_length, "check_new_tokens": self.check_new_tokens,
-                "min_token_agreement": self.min_token_agreement}
+                "min_next_token_cosine": self.min_next_token_cosine, "min_token_agreement": self.min_token_agreement}
 
     def check(self, source):
         """Fails before any work where TensorRT cannot run (no ``tensorrt`` / ``cuda-python``, no GPU)."""
@@ -180,7 +188,10 @@ class TensorRTDecoderStep(Step):
                                 self.check_new_tokens)
         ctx.note(f"greedy vs keras-hub generate: {res['token_agreement']:.1%} of tokens the same, next-token argmax "
                  f"{res['next_token_agreement']:.1%}, next-token logits cosine min {res['next_token_cosine_min']:.5f}")
-        if res["next_token_agreement"] < self.min_token_agreement:
+        if res["next_token_cosine_min"] < self.min_next_token_cosine:
+            raise StepError(f"Step 'tensorrt-decoder': next-token logits cosine {res['next_token_cosine_min']:.5f} < "
+                            f"{self.min_next_token_cosine}. Try precision='fp32'.")
+        if self.min_token_agreement is not None and res["next_token_agreement"] < self.min_token_agreement:
             raise StepError(f"Step 'tensorrt-decoder': next tokens differ from keras-hub's on "
                             f"{1 - res['next_token_agreement']:.1%} of positions (allowed "
                             f"{1 - self.min_token_agreement:.1%}). Try precision='fp32'.")
