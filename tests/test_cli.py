@@ -22,6 +22,7 @@ def test_optimize_export_end_to_end(tmp_path):
     (["optimize", "no/such/model.keras", "--steps", "export", "--out", "OUT"], "does not exist"),
     (["optimize", "bert-tiny", "--steps", "export,frobnicate", "--out", "OUT"], "Unknown step 'frobnicate'"),
     (["optimize", "bert-tiny", "--steps", "onnx", "--out", "OUT"], "add 'export' before it"),
+    (["optimize", "gpt2-tiny", "--steps", "ort-decoder-int8", "--out", "OUT"], "add 'onnx-decoder' before it"),
     (["optimize", "bert-tiny", "--steps", "export", "--out", "OUT", "--shape", "1by128"], "BATCHxSEQ"),
     (["optimize", "bert-tiny", "--steps", "export", "--out", "OUT", "--set", "onnx.opset=17"], "not in --steps"),
     (["serve-check", "OUT"], "not a SavedModel"),

@@ -233,8 +233,13 @@ class Pipeline:
         start_index = self.start_indices(source)
         for i, step in enumerate(self.steps, 1):
             if i not in start_index and step.consumes not in have:  # STEP@FROM was checked by start_indices
+                from tfaccel.steps import producers_of
+
                 fix = {"saved_model": "add 'export' before it", "onnx": "add 'onnx' before it",
                        "keras": "start from a Keras model (.keras file, preset folder or example name)"}
+                makers = producers_of(step.consumes)
+                fix.setdefault(step.consumes, f"add {' or '.join(repr(m) for m in makers) or 'a step that makes one'}"
+                                              " before it")
                 raise PlanError(
                     f"Step {i} '{step.name}' needs a {KIND_NAMES[step.consumes]}, but nothing before it produces "
                     f"one (the source is a {KIND_NAMES[source.kind]}): {fix[step.consumes]}."

@@ -50,6 +50,16 @@ def available_steps() -> dict[str, str]:
     return {name: desc for name, (_, desc) in _table().items()}
 
 
+def producers_of(kind: str) -> list[str]:
+    """Names of the steps that make an artifact of ``kind`` from another kind (for plan errors)."""
+    out = []
+    for name, (cls, _) in _table().items():
+        cls = getattr(cls, "func", cls)  # functools.partial rows
+        if getattr(cls, "produces", None) == kind and getattr(cls, "consumes", None) != kind:
+            out.append(name)
+    return out
+
+
 def get_step(name: str, **kwargs: Any):
     """A step object by name, e.g. ``get_step("onnx", opset=17)``."""
     table = _table()
