@@ -198,6 +198,27 @@ def test_cosine_breach_without_labels_and_fastest_of_any_format(bert_tiny, tmp_p
         assert report.fastest_artifact_path == "saved_model" and not (out / "fastest").exists()
 
 
+def test_savedmodel_source_gets_the_recipes_that_apply_to_a_savedmodel(bert_tiny, tmp_path):
+    from tfaccel import load_source
+    from tfaccel.export import export_saved_model
+    from tfaccel.servable import check_servable
+
+    export_saved_model(bert_tiny.model, tmp_path / "sm")  # a user who has only this folder
+    source = load_source(str(tmp_path / "sm"))
+    assert source.kind == "saved_model"
+    report = optimize_auto(source, tmp_path / "out", recipes=["xla", "int8-xla", "litert-dynamic"], formats="all",
+                           shapes=[(1, 16)], runs=3, warmup=1)
+    assert report.baseline == "source" and report.candidate("source").status == "kept"
+    assert report.candidate("xla").status == "kept" and report.candidate("xla").steps == ["xla"]
+    assert report.candidate("litert-dynamic").steps == ["litert-dynamic"]  # no export before it: it is one
+    int8 = report.candidate("int8-xla")
+    assert int8.status == "not a candidate" and "Keras" in int8.reason  # needs the Keras model
+    assert report.winner in ("source", "xla")
+    x = {k: v[:2] for k, v in bert_tiny.sample_inputs.items()}
+    served = check_servable(tmp_path / "out" / "saved_model", inputs=x)["outputs"]["logits"]
+    np.testing.assert_allclose(served, bert_tiny.model.predict(x, verbose=0), atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI
 

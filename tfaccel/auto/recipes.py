@@ -205,6 +205,8 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 BASELINE = RECIPES[0].name
+#: The baseline of a SavedModel source: the SavedModel itself.
+SOURCE_BASELINE = "source"
 
 
 def recipe_table() -> dict[str, Recipe]:

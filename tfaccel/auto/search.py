@@ -38,7 +38,14 @@ from tfaccel.auto.auto_report import (
     AutoCandidate,
     AutoReport,
 )
-from tfaccel.auto.recipes import BASELINE, FORMAT_CHOICES, Recipe, plan_candidates, step_key
+from tfaccel.auto.recipes import (
+    BASELINE,
+    FORMAT_CHOICES,
+    SOURCE_BASELINE,
+    Recipe,
+    plan_candidates,
+    step_key,
+)
 from tfaccel.auto.timing import time_interleaved
 from tfaccel.errors import PlanError, TfaccelError, ValidationError
 from tfaccel.sources import ModelSource
@@ -213,9 +220,13 @@ def optimize_auto(
                            "pass --overwrite (it is replaced only if the new run succeeds).")
     if not out.parent.exists():
         raise TfaccelError(f"The parent folder of --out, {str(out.parent)!r}, does not exist. Create it first.")
-    if source.kind != "keras":
-        raise PlanError(f"--auto needs a Keras model (a .keras file, a preset folder or an example name); "
-                        f"{source.name} is a {KIND_NAMES[source.kind]}. Use --steps for SavedModel conversions.")
+    if source.kind not in ("keras", "saved_model"):
+        raise PlanError(f"--auto needs a Keras model (a .keras file, a preset folder or an example name) or a "
+                        f"SavedModel; {source.name} is a {KIND_NAMES[source.kind]}.")
+    # A SavedModel source is its own baseline; the recipes that apply to it are the ones whose steps take a
+    # SavedModel (xla, the side artifacts), without their leading export.
+    sm_source = source.kind == "saved_model"
+    baseline = SOURCE_BASELINE if sm_source else BASELINE
 
     caps = capabilities()
     has_data = finetune_data is not None or source.name in DEFAULT_DATA
@@ -230,7 +241,7 @@ def optimize_auto(
                    "(the loosest of them) of the reference on the sample inputs")
     report = AutoReport(source=source.name, source_description=source.description, task=source.task,
                         shapes=[list(s) for s in shapes], max_accuracy_drop=float(max_accuracy_drop),
-                        budget_rule=budget_rule, formats=formats, capabilities=caps.to_dict(), baseline=BASELINE,
+                        budget_rule=budget_rule, formats=formats, capabilities=caps.to_dict(), baseline=baseline,
                         time_budget_s=time_budget_s, eval_examples=n_eval)
 
     # Plan every runnable recipe first: impossible chains and steps that cannot run here are reported
@@ -244,18 +255,26 @@ def optimize_auto(
         if not pc.runnable:
             cand.status, cand.reason = NOT_A_CANDIDATE, pc.reason
             continue
+        if sm_source and r.name == BASELINE:
+            cand.name, cand.steps = SOURCE_BASELINE, []
+            cand.description = "the SavedModel as given (the baseline)"
+            planned.append((cand, r, [], []))
+            continue
+        made = r.make_steps(step_defaults)
+        if sm_source and made and made[0].name == "export":
+            made = made[1:]
         try:
-            steps = Pipeline(r.make_steps(step_defaults), shapes=shapes, measure=False,
-                             log=lambda _m: None).plan(source)
+            steps = Pipeline(made, shapes=shapes, measure=False, log=lambda _m: None).plan(source)
         except TfaccelError as exc:
             cand.status, cand.reason = NOT_A_CANDIDATE, f"cannot run here: {str(exc).splitlines()[0]}"
             continue
         # Pipeline.plan keeps the recipe's steps in order and may append an export.
-        cand.steps = [r.steps[i].describe() if i < len(r.steps) else s.name for i, s in enumerate(steps)]
+        specs = r.steps[1:] if sm_source and r.steps[0].name == "export" else r.steps
+        cand.steps = [specs[i].describe() if i < len(specs) else s.name for i, s in enumerate(steps)]
         planned.append((cand, r, steps, [step_key(s) for s in steps]))
-    if not planned or planned[0][0].name != BASELINE:
-        raise TfaccelError(f"The baseline recipe '{BASELINE}' cannot run on {source.name}: "
-                           f"{report.candidate(BASELINE).reason}")
+    if not planned or planned[0][0].name != baseline:
+        raise TfaccelError(f"The baseline recipe '{baseline}' cannot run on {source.name}: "
+                           f"{report.candidate(baseline).reason}")
 
     n = len(planned)
     skipped = [c.name for c in report.candidates if c.status == NOT_A_CANDIDATE]
@@ -286,7 +305,7 @@ def optimize_auto(
             try:
                 artifact, seconds, notes = builder.build(cand.name, steps, keys)
             except Exception as exc:
-                if cand.name == BASELINE:
+                if cand.name == baseline:
                     raise
                 cand.status, cand.reason = FAILED, _first_line(exc)
                 log(f"  FAILED: {cand.reason}")
@@ -296,7 +315,8 @@ def optimize_auto(
                 builder.forget_keras(later_prefixes)
             cand.kind, cand.build_seconds, cand.notes = artifact.kind, seconds, notes
             cand.size_bytes = artifact.size_bytes()
-            cand.path = str(Path(artifact.path).relative_to(work)) if artifact.path else None
+            cand.path = (str(Path(artifact.path).relative_to(work)) if Path(artifact.path).is_relative_to(work)
+                         else str(artifact.path)) if artifact.path else None  # the source itself: absolute
             try:
                 runner = artifact.runner()
                 comp = compare_outputs(ref_out, runner(source.sample_inputs))
@@ -305,7 +325,7 @@ def optimize_auto(
                     cand.accuracy = classification_accuracy(runner, source.eval_inputs, source.eval_labels)
                     cand.accuracy_drop_points = (report.reference_accuracy - cand.accuracy) * 100
             except Exception as exc:  # e.g. ValidationError: output names changed
-                if cand.name == BASELINE:
+                if cand.name == baseline:
                     raise
                 cand.status, cand.reason = FAILED, f"does not run: {_first_line(exc)}"
                 log(f"  FAILED: {cand.reason}")
@@ -316,8 +336,8 @@ def optimize_auto(
             log(f"  built in {seconds:.0f}s, {cand.size_bytes / 1e6:.1f} MB, cosine {comp.min_cosine:.6f}"
                 + (f", accuracy {cand.accuracy:.4f} ({0.0 - cand.accuracy_drop_points:+.2f} pts)" if labelled else "")
                 + (f": DROPPED ({cand.reason})" if breaches else ": within budget"))
-            if cand.name == BASELINE and breaches:
-                raise ValidationError(f"The baseline export does not match the reference: {'; '.join(breaches)}")
+            if cand.name == baseline and breaches:
+                raise ValidationError(f"The baseline {baseline} does not match the reference: {'; '.join(breaches)}")
             runners[cand.name] = runner
 
         _time_all(report, runners, source, shapes, runs=runs, warmup=warmup, max_seconds=max_seconds_per_shape,
@@ -348,7 +368,7 @@ def optimize_auto(
         raise
     report.out_dir = str(out)
     log(f"winner: {report.winner} ({', '.join(f'{v:.2f}x at {k}' for k, v in winner.speedups.items())} vs "
-        f"{BASELINE}); wrote {out}/saved_model, {out}/report.md, {out}/report.json")
+        f"{baseline}); wrote {out}/saved_model, {out}/report.md, {out}/report.json")
     return report
 
 
@@ -375,12 +395,12 @@ def _time_all(report: AutoReport, runners: dict[str, Any], source: ModelSource, 
                                       max_seconds=max_seconds)
         for name, err in errors.items():
             c = report.candidate(name)
-            if name == BASELINE:
-                raise TfaccelError(f"Timing the baseline '{BASELINE}' at {batch}x{seq} failed: {err}")
+            if name == report.baseline:
+                raise TfaccelError(f"Timing the baseline '{report.baseline}' at {batch}x{seq} failed: {err}")
             c.status, c.reason = DROPPED, f"timing at {batch}x{seq} failed: {err}"
             runners.pop(name)
             log(f"  {name}: timing FAILED: {err}")
-        base = ms[BASELINE].p50_ms
+        base = ms[report.baseline].p50_ms
         for name, m in ms.items():
             c = report.candidate(name)
             c.measurements.append(m.to_dict())
