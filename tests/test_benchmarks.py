@@ -27,7 +27,7 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out), "--workloads", ",".join(WORKLOADS)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"benchmarks/run.py failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     results = json.loads((out / "results.json").read_text())
     return out, results, proc.stderr

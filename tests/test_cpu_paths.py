@@ -238,7 +238,7 @@ def test_half_precision_without_native_support_runs_and_reports_the_measured_slo
     from tfaccel import Pipeline
 
     with override_capabilities(cpu_isa="avx2", gpus=()):
-        report = Pipeline(["mixed_bfloat16"], shapes=[(1, 16)], runs=3, warmup=1, log=print).run(
+        report = Pipeline(["mixed_bfloat16"], shapes=[(1, 16)], runs=3, warmup=1, log=print, footprints=False).run(
             bert_tiny, tmp_path / "emulated")
     stage = report.stage("mixed_bfloat16")
     assert stage.status == "ok" and stage.measurements
@@ -250,6 +250,6 @@ def test_half_precision_without_native_support_runs_and_reports_the_measured_slo
     native, why = capabilities().half_precision("mixed_bfloat16")
     print("bfloat16 on this CPU:", native, why)
     with override_capabilities(cpu_features={"bf16": True}, gpus=()):
-        report = Pipeline(["mixed_bfloat16"], shapes=[(1, 16)], runs=3, warmup=1, log=print).run(
+        report = Pipeline(["mixed_bfloat16"], shapes=[(1, 16)], runs=3, warmup=1, log=print, footprints=False).run(
             bert_tiny, tmp_path / "native")
     assert not [n for n in report.stage("mixed_bfloat16").notes if "measured on this machine" in n]

@@ -34,7 +34,7 @@ class ScaleHeadStep(Step):
         return Artifact(kind="keras", path=str(ctx.stage_dir / "model.keras"), model=model)
 
 
-FAST = {"shapes": [(1, 16)], "runs": 3, "warmup": 1, "log": lambda m: None}
+FAST = {"shapes": [(1, 16)], "runs": 3, "warmup": 1, "log": lambda m: None, "footprints": False}
 
 
 def test_export_pipeline_writes_report_stages_and_final_saved_model(bert_tiny, tmp_path):

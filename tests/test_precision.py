@@ -133,7 +133,7 @@ def test_xla_fallback_names_the_op_that_does_not_compile():
 def test_mixed_precision_steps_export_a_servable_model(bert_tiny, tmp_path):
     from tfaccel.servable import check_servable
 
-    report = Pipeline(["mixed_bfloat16"], shapes=[(1, 16)], runs=3, warmup=1, log=lambda m: None).run(
+    report = Pipeline(["mixed_bfloat16"], shapes=[(1, 16)], runs=3, warmup=1, log=lambda m: None, footprints=False).run(
         bert_tiny, tmp_path / "out")
     assert [s.step for s in report.stages] == ["reference", "mixed_bfloat16", "export"]
     st = report.stage("mixed_bfloat16")

@@ -183,6 +183,8 @@ class Pipeline:
         on_breach: default policy when a stage breaches its tolerance: "fail", "warn" or "skip".
         measure: set False to validate only (faster).
         log: callable receiving progress lines (default: stderr).
+        footprints: with ``measure``, also load every SavedModel stage (and a ``model.export`` of the
+            reference) in a fresh process for its resident memory: one child process each.
 
     Example:
         >>> from tfaccel import Pipeline, load_source
@@ -199,6 +201,7 @@ class Pipeline:
         measure: bool = True,
         max_seconds_per_shape: float = 60.0,
         log: Callable[[str], None] | None = None,
+        footprints: bool = True,
     ):
         if on_breach not in BREACH_POLICIES:
             raise ValueError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
@@ -211,6 +214,7 @@ class Pipeline:
         self.measure = measure
         self.max_seconds_per_shape = max_seconds_per_shape
         self.log = log or _default_log
+        self.footprints = footprints
 
     # ----------------------------------------------------------------------------------------------
     def plan(self, source: ModelSource) -> list[Step]:
@@ -451,7 +455,7 @@ class Pipeline:
             report.final_saved_model = "saved_model"
         elif final_saved_model is not None:  # the source itself was a SavedModel and no step replaced it
             report.final_saved_model = str(final_saved_model)
-        if self.measure:  # every SavedModel's size and memory after loading, against model.export
+        if self.measure and self.footprints:  # every SavedModel's size and memory after loading, vs model.export
             from tfaccel.saved_model import add_load_footprints
 
             add_load_footprints(report, source, work, log=self.log)
