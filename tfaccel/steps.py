@@ -30,7 +30,8 @@ def _table() -> dict[str, tuple[type, str]]:
         "int8": (Int8Step, "Keras -> int8 SavedModel (Keras quantize; int8 products in an XLA-compiled serving function)"),
         "int4": (Int4Step, "Keras -> int4 weight-only SavedModel (Keras quantize; smallest, not faster)"),
         "xla": (XlaStep, "Keras model -> SavedModel with an XLA-compiled serving_default (sequence buckets)"),
-        "generate": (GenerateStep, "GPT-2 -> SavedModel with generate/generate_greedy: decode loop + KV cache in XLA"),
+        "generate": (GenerateStep, "keras-hub CausalLM (every family) -> SavedModel with generate/generate_greedy: "
+                     "the decode loop and KV cache inside the SavedModel"),
         "onnx": (OnnxStep, "SavedModel -> ONNX with tf2onnx, checked in onnxruntime (side artifact)"),
         "tftrt": (TftrtStep, "SavedModel -> TF-TRT SavedModel, fp32/fp16/int8 (TensorFlow built with TensorRT + NVIDIA GPU)"),
         "tensorrt": (TensorRTStep, "ONNX -> TensorRT engine, fp32/fp16/int8 (`trt` extra + NVIDIA GPU; side artifact)"),
