@@ -39,6 +39,15 @@ def test_greedy_generation_equals_keras_hub_generate(gpt2_tiny, gen_model):
     np.testing.assert_array_equal(ids[:, :6] * MASK, PROMPTS)  # prompts untouched
 
 
+def test_prompt_longer_than_the_largest_bucket_gets_the_bucket_error(gen_model):
+    import tensorflow as tf
+
+    long = np.ones((1, 17), np.int32)  # the export's buckets are 8 and 16
+    with pytest.raises(tf.errors.InvalidArgumentError, match="longer than the largest prompt bucket 16"):
+        _call(gen_model, "generate_greedy", token_ids=long, padding_mask=long, max_new_tokens=np.int32(2),
+              stop_token_id=np.int32(-1))
+
+
 def test_stop_token_ends_a_row(gpt2_tiny, gen_model):
     free, _ = _call(gen_model, "generate_greedy", token_ids=PROMPTS, padding_mask=MASK,
                     max_new_tokens=np.int32(10), stop_token_id=np.int32(-1))

@@ -203,8 +203,10 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
 
     def generate(token_ids, padding_mask, max_new_tokens, stop_token_id, top_k, top_p, temperature, seed):
         width = tf.shape(token_ids)[1]
-        tf.debugging.assert_less_equal(width, buckets[-1], message=(
+        check = tf.debugging.assert_less_equal(width, buckets[-1], message=(
             f"prompt is longer than the largest prompt bucket {buckets[-1]} of this export"))
+        with tf.control_dependencies([check]):  # the check runs before any padding to a bucket uses the width
+            width = tf.identity(width)
         max_new = tf.clip_by_value(max_new_tokens, 0, max_new_tokens_cap)
         mask = tf.cast(padding_mask, tf.int32)
         branches = []
