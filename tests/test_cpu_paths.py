@@ -32,6 +32,13 @@ needs_qemu = pytest.mark.skipif(
                          ".ci/run installs it")
 
 
+# Scripts for the emulated CPU start with this: the inputs from argv[1] and the lowest per-row cosine.
+EMULATED_PREAMBLE = ("import sys, json, numpy as np\n"
+                     "x = dict(np.load(sys.argv[1]))\n"
+                     "def cos(a, b):\n"
+                     "    return float((np.sum(a*b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min())\n")
+
+
 def run_emulated(code: str, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run code in this venv's Python on an emulated AMD Zen 3 (AVX2 only)."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TFACCEL_CPU_ISA", "ONEDNN_MAX_CPU_ISA")}
@@ -158,13 +165,10 @@ def test_ort_int8_settings_follow_the_cpu_and_hold_accuracy_here(bert_tiny, onnx
 @needs_qemu
 def test_ort_int8_avx2_settings_hold_accuracy_on_an_emulated_zen3(bert_tiny, onnx_model, ort_int8_by_branch, tmp_path):
     np.savez(tmp_path / "x.npz", **bert_tiny.sample_inputs)
-    code = ("import sys, json, numpy as np, onnxruntime as ort\n"
-            "x = dict(np.load(sys.argv[1]))\n"
+    code = (EMULATED_PREAMBLE + "import onnxruntime as ort\n"
             "def run(p):\n"
             "    s = ort.InferenceSession(p, providers=['CPUExecutionProvider'])\n"
             "    return s.run(None, {i.name: x[i.name] for i in s.get_inputs()})[0]\n"
-            "def cos(a, b):\n"
-            "    return float((np.sum(a*b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min())\n"
             "ref = run(sys.argv[2])\n"
             "print(json.dumps({p: cos(run(p), ref) for p in sys.argv[3:]}))\n")
     paths = {b: str(p) for b, (_, p) in ort_int8_by_branch.items()}
@@ -209,13 +213,9 @@ def test_qdq_check_runs_fused_only_where_that_is_exact(bert_tiny, onnx_model, qd
 @needs_qemu
 def test_qdq_check_is_exact_on_an_emulated_zen3_only_unfused(bert_tiny, onnx_model, qdq_model, tmp_path):
     np.savez(tmp_path / "x.npz", **bert_tiny.sample_inputs)
-    code = ("import sys, json, numpy as np\n"
-            "from tfaccel.artifacts import OnnxRunner\n"
+    code = (EMULATED_PREAMBLE + "from tfaccel.artifacts import OnnxRunner\n"
             "from tfaccel.compat import cpu_features, has_vnni\n"
-            "x = dict(np.load(sys.argv[1]))\n"
             "ref = OnnxRunner(sys.argv[2])(x)['logits']\n"
-            "def cos(a, b):\n"
-            "    return float((np.sum(a*b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min())\n"
             "print(json.dumps({'vnni': has_vnni(cpu_features()),\n"
             "                  'fused': cos(OnnxRunner(sys.argv[3], fuse_qdq=True)(x)['logits'], ref),\n"
             "                  'unfused': cos(OnnxRunner(sys.argv[3], fuse_qdq=False)(x)['logits'], ref)}))\n")

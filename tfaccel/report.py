@@ -8,6 +8,14 @@ from pathlib import Path
 from typing import Any
 
 
+def path_in_out_dir(path: str | None, out_dir: str | None) -> str | None:
+    """A report's path as a user opens it: relative paths are inside the run's output folder."""
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p if p.is_absolute() or out_dir is None else Path(out_dir) / p)
+
+
 @dataclasses.dataclass
 class StageResult:
     index: int
@@ -75,10 +83,7 @@ class Report:
 
     @property
     def final_saved_model_path(self) -> str | None:
-        if self.final_saved_model is None:
-            return None
-        p = Path(self.final_saved_model)
-        return str(p if p.is_absolute() or self.out_dir is None else Path(self.out_dir) / p)
+        return path_in_out_dir(self.final_saved_model, self.out_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return {

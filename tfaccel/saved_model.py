@@ -34,6 +34,7 @@ import numpy as np
 
 from tfaccel.artifacts import dir_size, normalize_outputs, output_names_of, serving_signature
 from tfaccel.errors import TfaccelError
+from tfaccel.servable import fresh_process_env
 from tfaccel.sources import input_specs_of_keras
 
 # The checkpoint's own bookkeeping entry (a serialized proto), not a variable.
@@ -230,8 +231,7 @@ def load_footprint(saved_model_dir: str | os.PathLike, inputs: Mapping[str, np.n
     path = Path(saved_model_dir).absolute()
     if not (path / "saved_model.pb").exists():
         raise TfaccelError(f"{str(path)!r} is not a SavedModel folder (no saved_model.pb).")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env = fresh_process_env()
     with tempfile.TemporaryDirectory() as tmp:
         in_npz = Path(tmp, "inputs.npz")
         if inputs:

@@ -51,6 +51,13 @@ class ServabilityError(TfaccelError):
     """The SavedModel does not load or run without tfaccel."""
 
 
+def fresh_process_env() -> dict[str, str]:
+    """The environment for a child process that must not see tfaccel's source tree (no PYTHONPATH), quiet TF."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
 def check_servable(saved_model_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | None = None,
                    signature: str = "serving_default", atol: float = 1e-4, timeout: float = 900) -> dict:
     """Load and run a SavedModel in fresh processes without tfaccel.
@@ -70,8 +77,7 @@ def check_servable(saved_model_dir: str | os.PathLike, inputs: dict[str, np.ndar
     path = Path(saved_model_dir).absolute()
     if not (path / "saved_model.pb").exists():
         raise ServabilityError(f"{str(path)!r} is not a SavedModel folder (no saved_model.pb).")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env = fresh_process_env()
     with tempfile.TemporaryDirectory() as tmp:
         in_npz, out_npz, cli_dir = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz"), Path(tmp, "cli")
         if inputs is not None:

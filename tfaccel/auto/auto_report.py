@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tfaccel.artifacts import atomic_file
+from tfaccel.report import path_in_out_dir
 
 PLOT_NAME = "latency_vs_accuracy.png"
 
@@ -95,10 +96,7 @@ class AutoReport:
 
     @property
     def final_saved_model_path(self) -> str | None:
-        if self.final_saved_model is None:
-            return None
-        p = Path(self.final_saved_model)
-        return str(p if p.is_absolute() or self.out_dir is None else Path(self.out_dir) / p)
+        return path_in_out_dir(self.final_saved_model, self.out_dir)
 
     def ranked(self) -> list[AutoCandidate]:
         """Candidates in table order: kept by score (fastest first), then dropped by score, failed,

@@ -159,13 +159,12 @@ class _KerasQuantizeStep(Step):
             p["weight_bytes_after"] = self.summary.weight_bytes_after
         return p
 
-    def _resolve_kernel(self, ctx: StepContext, qmodel=None) -> None:
-        """Hook for subclasses: settle the kernel form before (``qmodel`` None) and after quantization."""
+    def _resolve_kernel(self, ctx: StepContext, qmodel) -> None:
+        """Hook for subclasses: settle the kernel form for the quantized model before it is written."""
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.saved_model import write_saved_model
 
-        self._resolve_kernel(ctx)
         ctx.log(f"  Keras {self.mode} quantization of the selected layers")
         qmodel, summary = quantize_model(artifact.model, self.config, copy=True)
         self._resolve_kernel(ctx, qmodel)
@@ -248,13 +247,13 @@ class Int8Step(_KerasQuantizeStep):
                 raise PlanError(f"Step 'int8' with kernel='{self.requested_kernel}' cannot run on this machine: {why}. "
                                 f"Use {other}.")
 
-    def _resolve_kernel(self, ctx: StepContext, qmodel=None) -> None:
+    def _resolve_kernel(self, ctx: StepContext, qmodel) -> None:
         if self.kernel == "onednn":
             check_onednn_int8()
             ctx.note("int8 products run in oneDNN's int8 kernel: serve this SavedModel with a TensorFlow that has "
                      "oneDNN on a CPU that runs it (x86-64 Linux/Windows wheels, AVX-512); kernel='xla' gives one "
                      "that runs anywhere")
-        if self.requested_kernel != "auto" or qmodel is None:
+        if self.requested_kernel != "auto":
             return
         from tfaccel.compat import capabilities
 
