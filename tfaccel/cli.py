@@ -112,7 +112,7 @@ _AUTO_ONLY = {"max_accuracy_drop": "--max-accuracy-drop", "formats": "--formats"
 def cmd_optimize_auto(args) -> int:
     """`tfaccel optimize MODEL --auto`: tfaccel.auto.optimize_auto, then the ranked table on stdout."""
     from tfaccel.auto.auto_report import ranked_table
-    from tfaccel.auto.search import optimize_auto
+    from tfaccel.auto.search import DEFAULT_TIME_BUDGET_S, optimize_auto
     from tfaccel.sources import load_source
 
     if args.steps is not None:
@@ -130,8 +130,9 @@ def cmd_optimize_auto(args) -> int:
     report = optimize_auto(
         source, args.out, shapes=_parse_shapes(args.shape) or None, formats=args.formats or "savedmodel",
         max_accuracy_drop=1.0 if args.max_accuracy_drop is None else args.max_accuracy_drop,
-        time_budget_s=args.time_budget, finetune_data=getattr(args, "train_data", None), runs=args.runs,
-        warmup=args.warmup, overwrite=args.overwrite, log=_log)
+        time_budget_s=DEFAULT_TIME_BUDGET_S if args.time_budget is None else args.time_budget,
+        finetune_data=getattr(args, "train_data", None), runs=args.runs, warmup=args.warmup,
+        overwrite=args.overwrite, log=_log)
     print("\n".join(ranked_table(report)))
     print(f"\nWinner: {report.winner} -> {report.final_saved_model_path}"
           + (f"; fastest of any format: {report.fastest_artifact} -> {report.out_dir}/{report.fastest_artifact_path}"
@@ -282,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--formats", choices=["savedmodel", "all"],
                    help="--auto: SavedModel candidates only (default), or also ONNX/LiteRT/TensorRT side artifacts")
     o.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="--auto: stop building new candidates after this many seconds (the report lists the rest)")
+                   help="--auto: seconds for the whole search (default 540; 'inf': no limit); candidates that "
+                        "would not fit are not tried, and the report says so")
     o.set_defaults(func=cmd_optimize)
 
     c = sub.add_parser("serve-check", help="check a SavedModel loads and runs without tfaccel (saved_model_cli)")

@@ -43,6 +43,10 @@ class StepContext:
     #: Set by a step that runs on hardware without native support for it (e.g. bfloat16 emulated on an
     #: AVX2 CPU): once the stage is measured, the pipeline adds a note with the slowdown it measured.
     hardware_warning: str | None = None
+    #: ``time.perf_counter()`` value by which a step should be done, or None (no limit). Steps with
+    #: long work they can size or stop use it (``prune-structured``'s distillation stops when its
+    #: measured step time says it would not finish: ``--auto``'s time budget).
+    deadline: float | None = None
 
     def note(self, message: str) -> None:
         """Record a note (a warning or a fact) for this stage's row in the report."""

@@ -87,6 +87,7 @@ class AutoReport:
     time_budget_s: float | None = None
     total_seconds: float = 0.0
     out_dir: str | None = None
+    run_notes: list[str] = dataclasses.field(default_factory=list)  # decisions of the search itself
 
     def candidate(self, name: str) -> AutoCandidate:
         for c in self.candidates:
@@ -181,7 +182,7 @@ def to_markdown(report: AutoReport) -> str:
         "cosine are against the reference (the model as it came in); cosine is the lowest per-sample cosine "
         "similarity on the sample inputs.",
     ]
-    notes = [(c.name, n) for c in report.candidates for n in c.notes]
+    notes = [("run", n) for n in report.run_notes] + [(c.name, n) for c in report.candidates for n in c.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {name}: {n}" for name, n in notes]
     if report.plot:

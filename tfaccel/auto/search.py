@@ -46,10 +46,21 @@ from tfaccel.auto.recipes import (
     plan_candidates,
     step_key,
 )
-from tfaccel.auto.timing import time_interleaved
+from tfaccel.auto.timing import InterleavedTiming, time_interleaved
 from tfaccel.errors import PlanError, TfaccelError, ValidationError
 from tfaccel.sources import ModelSource
 from tfaccel.validation import Tolerance, classification_accuracy, compare_outputs
+
+#: The default time budget of a run, in seconds: building, validating and timing all candidates
+#: (model loading before it and the final write after it take seconds more). Candidates that would
+#: not fit are not tried, with the reason (see :func:`optimize_auto`).
+DEFAULT_TIME_BUDGET_S = 540.0
+#: In the final timing, stop timing a candidate that is clearly slower than the fastest one (its
+#: fastest quarter of calls slower than the fastest's slowest quarter, and a median over this factor).
+STOP_SLOWER_MARGIN = 1.2
+#: A candidate whose counterpart (the same chain without its first step) was clearly slower than a
+#: sibling's counterpart by this factor, in a quick timing, is dominated (see :func:`optimize_auto`).
+DOMINANCE_MARGIN = 1.1
 
 
 def _default_log(msg: str) -> None:
@@ -101,15 +112,27 @@ class _Builder:
         self.reference = Artifact(kind=src.kind, path=src.path if src.kind != "keras" else None, model=src.model,
                                   dict_inputs=src.dict_inputs, input_names=src.input_names)
         self.cache: dict[tuple[str, ...], tuple[Artifact, float, list[str]] | BaseException] = {}
+        #: step name -> seconds its last build took in this run (what later candidates are estimated by)
+        self.step_seconds: dict[str, float] = {}
 
-    def build(self, name: str, steps: list, keys: list[str]) -> tuple[Artifact, float, list[str]]:
-        """The artifact after ``steps``; returns (artifact, seconds of all its steps, notes)."""
+    def unbuilt(self, steps: list, keys: list[str]) -> list:
+        """The steps of a chain whose artifacts are not built (or cached) yet."""
+        return [s for k, s in enumerate(steps) if tuple(keys[: k + 1]) not in self.cache]
+
+    def build(self, name: str, steps: list, keys: list[str],
+              deadline_for: Callable[[int], float | None] = lambda k: None) -> tuple[Artifact, float, list[str]]:
+        """The artifact after ``steps``; returns (artifact, seconds of all its steps, notes).
+        ``deadline_for(k)`` is the ``time.perf_counter()`` by which step ``k`` should be done (or None):
+        steps that can stop long work (distillation) stop when they would not make it."""
         from tfaccel.pipeline import StepContext
+        from tfaccel.pruning.distillation import DistillationOverBudget
 
         artifact, seconds, notes = self.reference, 0.0, []
         for k, step in enumerate(steps):
             prefix = tuple(keys[: k + 1])
             cached = self.cache.get(prefix)
+            if isinstance(cached, DistillationOverBudget):
+                raise cached
             if isinstance(cached, BaseException):
                 raise TfaccelError(f"step '{step.name}' failed earlier in this run: {_first_line(cached)}")
             if cached is not None:
@@ -123,7 +146,7 @@ class _Builder:
             stage = self.work / "candidates" / name / f"{k + 1:02d}-{step.name}"
             stage.mkdir(parents=True)
             own: list[str] = []
-            ctx = StepContext(source=self.source, stage_dir=stage, log=self.log, notes=own)
+            ctx = StepContext(source=self.source, stage_dir=stage, log=self.log, notes=own, deadline=deadline_for(k))
             self.log(f"  {step.name}: {KIND_NAMES[step.consumes]} -> {KIND_NAMES[step.produces]}")
             t0 = time.perf_counter()
             try:
@@ -133,6 +156,7 @@ class _Builder:
                 shutil.rmtree(stage, ignore_errors=True)
                 raise
             s = time.perf_counter() - t0
+            self.step_seconds[step.name] = s
             seconds += s
             notes = notes + [f"{step.name}: {n}" for n in own]
             self.cache[prefix] = (artifact, s, list(notes))
@@ -152,7 +176,7 @@ def optimize_auto(
     max_accuracy_drop: float = 1.0,
     shapes: Sequence[tuple[int, int]] | None = None,
     formats: str = "savedmodel",
-    time_budget_s: float | None = None,
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
     finetune_data: Any = None,
     recipes: Sequence[Recipe | str] | None = None,
     runs: int = 20,
@@ -179,14 +203,20 @@ def optimize_auto(
             Candidates are ranked by their geometric-mean speed-up over these shapes.
         formats: "savedmodel" (SavedModel candidates only) or "all" (also ONNX, LiteRT and TensorRT
             side artifacts; the fastest of any format is written to ``OUT/fastest``).
-        time_budget_s: stop building new candidates once this many seconds have passed (the baseline
-            is always built); the report lists the ones not tried. Timing comes after.
+        time_budget_s: seconds for the whole search (default :data:`DEFAULT_TIME_BUDGET_S`; None: no
+            limit). The baseline is always built. Building stops when the budget minus a reserve for
+            timing (10%, 15-60 s) is spent; before that, a candidate is not tried when its steps' times
+            measured earlier in the run say it would not fit, and structured pruning's distillation
+            stops as soon as its measured step time says it would not finish in time. The final timing
+            shares what is left. The report names every candidate not tried and why.
         finetune_data: data for the recipes that fine-tune (structured pruning): an .npz path (one array
             per input, optional ``labels``), a dict of arrays or an (inputs, labels) tuple. Without it
             only a source with its own training split (minilm-bbc) gets those recipes.
         recipes: a subset of recipe names, or your own :class:`Recipe` objects (default: the table).
         runs, warmup: timed and untimed calls per candidate and shape.
-        max_seconds_per_shape: stop timing a candidate at a shape after this many seconds of calls.
+        max_seconds_per_shape: stop timing a candidate at a shape after this many seconds of calls
+            (less when the time budget has less left). A candidate clearly slower than the fastest one
+            (see :data:`STOP_SLOWER_MARGIN`) stops after 5 timed calls; the baseline is always timed fully.
         overwrite: replace an existing ``out`` (only when the new run succeeded).
         keep_candidates: also keep every candidate's artifacts under ``OUT/candidates``.
         log: callable receiving progress lines (default: stderr).
@@ -205,6 +235,7 @@ def optimize_auto(
     """
     from tfaccel.compat import capabilities
     from tfaccel.pipeline import Pipeline, _link_tree, _replace_dir
+    from tfaccel.pruning.distillation import DistillationOverBudget
     from tfaccel.pruning.steps import DEFAULT_DATA
     from tfaccel.sources import load_source
 
@@ -279,7 +310,25 @@ def optimize_auto(
     n = len(planned)
     skipped = [c.name for c in report.candidates if c.status == NOT_A_CANDIDATE]
     log(f"--auto on {source.name}: {n} candidates ({', '.join(c.name for c, *_ in planned)})"
-        + (f"; not candidates here: {', '.join(skipped)}" if skipped else "") + f". Budget: {budget_rule}.")
+        + (f"; not candidates here: {', '.join(skipped)}" if skipped else "") + f". Budget: {budget_rule}."
+        + (f" Time budget {time_budget_s:g}s." if time_budget_s is not None else ""))
+
+    # Groups: a candidate whose chain without its first step is another candidate's chain (its
+    # counterpart: prune-structured+int8-xla -> int8-xla, prune-structured -> export) belongs to the group
+    # of that first step. A group's members are built in the order of their counterparts' speed, and a
+    # member whose counterpart is clearly slower than a within-budget member's is dominated.
+    by_keys = {tuple(k): c.name for c, _r, _s, k in planned}
+    counterpart = {c.name: by_keys[tuple(k[1:])] for c, _r, _s, k in planned
+                   if len(k) > 1 and tuple(k[1:]) in by_keys}
+    members: dict[str, list[str]] = {}
+    for c, _r, _s, k in planned:
+        if c.name in counterpart:
+            members.setdefault(k[0], []).append(c.name)
+    group_of = {name: g for g, names in members.items() if len(names) > 1 for name in names}
+    group_step = {c.name: s[0].name for c, _r, s, _k in planned if c.name in group_of}
+    # The last part of the time budget is kept for timing all candidates (at least 3 calls each).
+    reserve = min(60.0, max(15.0, 0.1 * time_budget_s)) if time_budget_s is not None else 0.0
+    build_deadline = t_run + time_budget_s - reserve if time_budget_s is not None else None
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     runners: dict[str, Any] = {}
@@ -287,23 +336,71 @@ def optimize_auto(
         builder = _Builder(source, work, log)
         ref_runner = builder.reference.runner()
         ref_out = ref_runner(source.sample_inputs)
+        # Evaluate at the sample inputs' batch size: XLA-compiled candidates compile once for both.
+        eval_batch = int(next(iter(source.sample_inputs.values())).shape[0])
         if labelled:
-            report.reference_accuracy = classification_accuracy(ref_runner, source.eval_inputs, source.eval_labels)
+            report.reference_accuracy = classification_accuracy(ref_runner, source.eval_inputs, source.eval_labels,
+                                                                batch_size=eval_batch)
             log(f"  reference accuracy {report.reference_accuracy:.4f} on {n_eval} held-out examples")
         del ref_runner
 
-        for i, (cand, _recipe, steps, keys) in enumerate(planned, 1):
-            elapsed = time.perf_counter() - t_run
-            if i > 1 and time_budget_s is not None and elapsed >= time_budget_s:
-                for later, *_ in planned[i - 1:]:
-                    later.status = NOT_TRIED
-                    later.reason = f"time budget of {time_budget_s:g}s used up after {elapsed:.0f}s"
-                log(f"time budget of {time_budget_s:g}s used up after {elapsed:.0f}s: not tried: "
-                    + ", ".join(c.name for c, *_ in planned[i - 1:]))
-                break
+        validate_s: list[float] = []  # seconds each candidate's validation took
+
+        def estimate(todo: list) -> float | None:
+            """Seconds to build ``todo`` and validate, from this run's measured step and validation
+            times (None when a step has not been built yet in this run)."""
+            if any(st.name not in builder.step_seconds for st in todo):
+                return None
+            return sum(builder.step_seconds[st.name] for st in todo) + (sum(validate_s) / max(1, len(validate_s)))
+
+        def deadline_for(steps: list) -> Callable[[int], float | None]:
+            def at(k: int) -> float | None:
+                if build_deadline is None:
+                    return None
+                later = sum(builder.step_seconds.get(st.name, 0.0) for st in steps[k + 1:])
+                return build_deadline - later - (sum(validate_s) / max(1, len(validate_s)))
+            return at
+
+        queue = list(planned)
+        ordered: set[str] = set()
+        quick: dict[str, list[InterleavedTiming]] = {}  # group -> quick timings of its counterparts, per shape
+        i = 0
+        while i < len(queue):
+            cand, _recipe, steps, keys = queue[i]
+            group = group_of.get(cand.name)
+            if group is not None and group not in ordered:
+                ordered.add(group)
+                quick[group] = _order_group(group, queue, i, members[group], counterpart, runners, source, shapes,
+                                            report, group_step[cand.name], warmup, log)
+                cand, _recipe, steps, keys = queue[i]
+            i += 1
+            now = time.perf_counter()
+            elapsed = now - t_run
+            if i > 1 and build_deadline is not None:
+                left = build_deadline - now
+                est = estimate(builder.unbuilt(steps, keys))
+                if left <= 0 or (est is not None and est > left):
+                    cand.status = NOT_TRIED
+                    cand.reason = (f"time budget of {time_budget_s:g}s: building stopped after {elapsed:.0f}s (the "
+                                   f"last {reserve:.0f}s are kept for timing)" if left <= 0 else
+                                   f"time budget of {time_budget_s:g}s: it needs about {est:.0f}s to build and "
+                                   f"validate (its steps' times measured earlier in this run), {left:.0f}s of "
+                                   f"building time were left")
+                    log(f"[{i}/{n}] {cand.name}: not tried: {cand.reason}")
+                    continue
+            if group is not None:
+                why = _dominated(cand, members[group], counterpart, quick[group], report, group_step[cand.name])
+                if why:
+                    cand.status, cand.reason = NOT_TRIED, why
+                    log(f"[{i}/{n}] {cand.name}: not tried: {why}")
+                    continue
             log(f"[{i}/{n}] {cand.name}: {' -> '.join(cand.steps)}  ({elapsed:.0f}s elapsed)")
             try:
-                artifact, seconds, notes = builder.build(cand.name, steps, keys)
+                artifact, seconds, notes = builder.build(cand.name, steps, keys, deadline_for(steps))
+            except DistillationOverBudget as exc:
+                cand.status, cand.reason = NOT_TRIED, f"time budget of {time_budget_s:g}s: {exc}"
+                log(f"  not tried: {cand.reason}")
+                continue
             except Exception as exc:
                 if cand.name == baseline:
                     raise
@@ -311,8 +408,9 @@ def optimize_auto(
                 log(f"  FAILED: {cand.reason}")
                 continue
             finally:
-                later_prefixes = {tuple(k[: j + 1]) for _c, _r, _s, k in planned[i:] for j in range(len(k))}
+                later_prefixes = {tuple(k[: j + 1]) for _c, _r, _s, k in queue[i:] for j in range(len(k))}
                 builder.forget_keras(later_prefixes)
+            t_val = time.perf_counter()
             cand.kind, cand.build_seconds, cand.notes = artifact.kind, seconds, notes
             cand.size_bytes = artifact.size_bytes()
             cand.path = (str(Path(artifact.path).relative_to(work)) if Path(artifact.path).is_relative_to(work)
@@ -322,7 +420,8 @@ def optimize_auto(
                 comp = compare_outputs(ref_out, runner(source.sample_inputs))
                 cand.max_abs_diff, cand.min_cosine = comp.max_abs_diff, comp.min_cosine
                 if labelled:
-                    cand.accuracy = classification_accuracy(runner, source.eval_inputs, source.eval_labels)
+                    cand.accuracy = classification_accuracy(runner, source.eval_inputs, source.eval_labels,
+                                                            batch_size=eval_batch)
                     cand.accuracy_drop_points = (report.reference_accuracy - cand.accuracy) * 100
             except Exception as exc:  # e.g. ValidationError: output names changed
                 if cand.name == baseline:
@@ -330,18 +429,22 @@ def optimize_auto(
                 cand.status, cand.reason = FAILED, f"does not run: {_first_line(exc)}"
                 log(f"  FAILED: {cand.reason}")
                 continue
+            validate_s.append(time.perf_counter() - t_val)
             breaches = _budget_breaches(comp, cand, steps, labelled, max_accuracy_drop)
             cand.status = DROPPED if breaches else KEPT
             cand.reason = "over budget: " + "; ".join(breaches) if breaches else ""
-            log(f"  built in {seconds:.0f}s, {cand.size_bytes / 1e6:.1f} MB, cosine {comp.min_cosine:.6f}"
+            log(f"  built in {seconds:.0f}s (validated in {validate_s[-1]:.0f}s), {cand.size_bytes / 1e6:.1f} MB, "
+                f"cosine {comp.min_cosine:.6f}"
                 + (f", accuracy {cand.accuracy:.4f} ({0.0 - cand.accuracy_drop_points:+.2f} pts)" if labelled else "")
                 + (f": DROPPED ({cand.reason})" if breaches else ": within budget"))
             if cand.name == baseline and breaches:
                 raise ValidationError(f"The baseline {baseline} does not match the reference: {'; '.join(breaches)}")
             runners[cand.name] = runner
 
-        _time_all(report, runners, source, shapes, runs=runs, warmup=warmup, max_seconds=max_seconds_per_shape,
-                  log=log)
+        timing_left = t_run + time_budget_s - time.perf_counter() if time_budget_s is not None else None
+        per_runner = max_seconds_per_shape if timing_left is None else max(
+            0.5, min(max_seconds_per_shape, 0.7 * timing_left / (len(runners) * len(shapes))))
+        _time_all(report, runners, source, shapes, runs=runs, warmup=warmup, max_seconds=per_runner, log=log)
         _rank(report)
         runners.clear()
         winner = report.candidate(report.winner)
@@ -390,23 +493,83 @@ def _time_all(report: AutoReport, runners: dict[str, Any], source: ModelSource, 
     """Time every validated candidate (within the budget or not: the plot shows both) interleaved."""
     for batch, seq in shapes:
         log(f"timing {len(runners)} candidates interleaved at batch {batch} x seq {seq} ({runs} runs each, "
-            f"round-robin, at most {max_seconds:g}s of calls each)")
-        ms, errors = time_interleaved(runners, source.make_inputs(batch, seq), seq=seq, runs=runs, warmup=warmup,
-                                      max_seconds=max_seconds)
-        for name, err in errors.items():
+            f"round-robin, at most {max_seconds:.3g}s of calls each; clearly slower ones stop after 5)")
+        timing = time_interleaved(runners, source.make_inputs(batch, seq), seq=seq, runs=runs, warmup=warmup,
+                                  max_seconds=max_seconds, stop_slower=STOP_SLOWER_MARGIN, keep={report.baseline})
+        for name, err in timing.errors.items():
             c = report.candidate(name)
             if name == report.baseline:
                 raise TfaccelError(f"Timing the baseline '{report.baseline}' at {batch}x{seq} failed: {err}")
             c.status, c.reason = DROPPED, f"timing at {batch}x{seq} failed: {err}"
             runners.pop(name)
             log(f"  {name}: timing FAILED: {err}")
+        for name, why in timing.stopped.items():
+            report.candidate(name).notes.append(f"timing at {batch}x{seq}: {why}")
+        ms = timing.measurements
         base = ms[report.baseline].p50_ms
         for name, m in ms.items():
             c = report.candidate(name)
             c.measurements.append(m.to_dict())
             c.speedups[f"{batch}x{seq}"] = base / m.p50_ms
             log(f"  {name:30s} p50 {m.p50_ms:9.2f} ms  p95 {m.p95_ms:9.2f} ms  {base / m.p50_ms:5.2f}x  "
-                f"({m.runs} runs) [{c.status}]")
+                f"({m.runs} runs{', stopped: clearly slower' if name in timing.stopped else ''}) [{c.status}]")
+
+
+def _order_group(group: str, queue: list, at: int, names: list[str], counterpart: dict[str, str],
+                 runners: dict[str, Any], source: ModelSource, shapes, report: AutoReport, first_step: str,
+                 warmup: int, log) -> list[InterleavedTiming]:
+    """Time the group's counterparts that are built (a quick interleaved round at every shape), and
+    move the group's members to ``queue[at:]`` fastest counterpart first (untimed ones last, in table
+    order). Returns the quick timings, one per shape."""
+    timed = {counterpart[n] for n in names if counterpart[n] in runners}
+    quick: list[InterleavedTiming] = []
+    if len(timed) > 1:
+        for batch, seq in shapes:
+            quick.append(time_interleaved({n: runners[n] for n in runners if n in timed}, source.make_inputs(batch, seq),
+                                          seq=seq, runs=5, warmup=max(2, warmup), max_seconds=5.0))
+
+    def speed(name: str) -> float:
+        ms = [t.measurements.get(counterpart[name]) for t in quick]
+        if not quick or any(m is None for m in ms):
+            return math.inf
+        return math.exp(sum(math.log(m.p50_ms) for m in ms) / len(ms))
+
+    mine = [item for item in queue[at:] if item[0].name in names]
+    rest = [item for item in queue[at:] if item[0].name not in names]
+    mine.sort(key=lambda item: speed(item[0].name))  # stable: untimed ones keep table order
+    queue[at:] = mine + rest
+    if quick:
+        b, s = shapes[0]
+        order = ", ".join(f"{item[0].name} ({counterpart[item[0].name]} "
+                          + (f"{quick[0].measurements[counterpart[item[0].name]].p50_ms:.1f} ms" if math.isfinite(
+                              speed(item[0].name)) else "not timed") + ")" for item in mine)
+        note = (f"the {first_step} candidates were built in the order of their counterparts' speed (the same chain "
+                f"without {first_step}; quick interleaved timing, 5 calls each, p50 at {b}x{s}): {order}")
+        report.run_notes.append(note)
+        log(f"  {note}")
+    return quick
+
+
+def _dominated(cand: AutoCandidate, names: list[str], counterpart: dict[str, str], quick: list[InterleavedTiming],
+               report: AutoReport, first_step: str) -> str:
+    """Why ``cand`` is not worth building (empty: it is): a sibling built within the budget whose
+    counterpart was clearly faster than ``cand``'s at every shape in the quick timing."""
+    if not quick:
+        return ""
+    mine = counterpart[cand.name]
+    for other in names:
+        c = report.candidate(other)
+        if other == cand.name or c.status != KEPT or c.format != cand.format:
+            continue
+        theirs = counterpart[other]
+        if all(t.clearly_slower(mine, theirs, DOMINANCE_MARGIN) for t in quick):
+            t = quick[0]
+            b, s = report.shapes[0]
+            return (f"dominated: without {first_step}, {mine} was clearly slower than {theirs} (p50 "
+                    f"{t.measurements[mine].p50_ms:.1f} vs {t.measurements[theirs].p50_ms:.1f} ms at {b}x{s}"
+                    f"{' and the other shapes' if len(quick) > 1 else ''}, quick interleaved timing), and "
+                    f"{other} is within budget")
+    return ""
 
 
 def _rank(report: AutoReport) -> None:
@@ -432,7 +595,7 @@ def optimize(
     max_accuracy_drop: float = 1.0,
     shapes: Sequence[tuple[int, int]] | None = None,
     formats: str = "savedmodel",
-    time_budget_s: float | None = None,
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
     overwrite: bool = False,
     **kwargs: Any,
 ):

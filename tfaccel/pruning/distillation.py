@@ -3,9 +3,52 @@ original (teacher), with Keras 3's own ``keras.distillation.Distiller``."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
+
+from tfaccel.errors import TfaccelError
+
+
+class DistillationOverBudget(TfaccelError):
+    """Distillation stopped because its measured step time says it would not finish within
+    ``max_seconds`` (raised by :func:`distill`; ``projected_s`` and ``max_seconds`` say by how much)."""
+
+    def __init__(self, message: str, projected_s: float, max_seconds: float):
+        super().__init__(message)
+        self.projected_s, self.max_seconds = projected_s, max_seconds
+
+
+def _budget_callback(total_steps: int, max_seconds: float):
+    """A Keras callback that stops a fit whose projected time exceeds ``max_seconds``: after the third
+    batch (the first one traces), the median step time so far times the steps left, plus the time spent.
+    Once half the steps are done the run is allowed 1.5x the budget (stopping then wastes more than it
+    saves)."""
+    import keras
+
+    class StopOverBudget(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t0 = self.last = time.perf_counter()
+            self.steps: list[float] = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.perf_counter()
+            self.steps.append(now - self.last)
+            self.last = now
+            done = len(self.steps)
+            if done < 3:
+                return
+            step = float(np.median(self.steps[1:]))
+            projected = (now - self.t0) + step * (total_steps - done)
+            allowed = max_seconds * (1.5 if done >= total_steps / 2 else 1.0)
+            if projected > allowed:
+                raise DistillationOverBudget(
+                    f"distillation would take about {projected:.0f}s ({total_steps} steps at {step:.2f}s each, "
+                    f"measured over {done} steps), more than the {max_seconds:.0f}s left; stopped after "
+                    f"{now - self.t0:.0f}s", projected, max_seconds)
+
+    return StopOverBudget()
 
 
 def distill(
@@ -22,6 +65,7 @@ def distill(
     seed: int | None = 0,
     callbacks: list | None = None,
     verbose: int = 0,
+    max_seconds: float | None = None,
 ) -> dict[str, list[float]]:
     """Fine-tune ``student`` towards ``teacher`` on ``inputs`` (and ``labels`` if given).
 
@@ -44,9 +88,15 @@ def distill(
         seed: seeds Keras (dropout) and the shuffling, so a run can be repeated; None leaves them be.
         callbacks: extra Keras callbacks.
         verbose: Keras fit verbosity.
+        max_seconds: stop (raise :class:`DistillationOverBudget`) as soon as the measured step time
+            says the whole run would take longer than this; None: no limit.
 
     Returns:
         The fit history (loss per epoch).
+
+    Raises:
+        DistillationOverBudget: the run would not finish within ``max_seconds`` (the student is left
+            partly trained: discard it).
 
     Example:
         >>> distill(original, pruned, train_inputs, train_labels, epochs=1)  # doctest: +SKIP
@@ -86,7 +136,8 @@ def distill(
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         data = dict(inputs) if labels is None else (dict(inputs), np.asarray(labels))
         ds = tf.data.Dataset.from_tensor_slices(data).shuffle(n, seed=seed).batch(batch_size)
-        history = distiller.fit(ds, epochs=epochs, verbose=verbose, callbacks=callbacks or [])
+        extra = [] if max_seconds is None else [_budget_callback(total_steps, max_seconds)]
+        history = distiller.fit(ds, epochs=epochs, verbose=verbose, callbacks=(callbacks or []) + extra)
     finally:
         teacher.trainable = was_trainable
     return history.history

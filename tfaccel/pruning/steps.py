@@ -205,9 +205,10 @@ class StructuredPruneStep(Step):
             inputs, labels, desc = resolved
             ctx.log(f"  distilling from the original model on {desc}, {self.epochs} epoch(s)")
             t0 = time.perf_counter()
+            left = None if ctx.deadline is None else ctx.deadline - time.perf_counter()
             history = distill(model, small, inputs, labels, epochs=self.epochs, batch_size=self.batch_size,
                               learning_rate=self.learning_rate, temperature=self.temperature,
-                              student_loss_weight=self.student_loss_weight)
+                              student_loss_weight=self.student_loss_weight, max_seconds=left)
             loss = history.get("total_loss", history.get("loss", [float("nan")]))[-1]
             ctx.note(f"distilled on {desc} for {self.epochs} epoch(s) in {time.perf_counter() - t0:.0f}s "
                      f"(final loss {loss:.4f})")
