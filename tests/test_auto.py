@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -116,16 +118,23 @@ PRUNE_75 = Recipe("prune-75-no-finetune", (StepSpec.of("prune-structured", fract
                                                        importance="weight"),), "test: pruned, not fine-tuned")
 
 
+#: The same pruning, then XLA: with PRUNE_75 a group whose counterparts (the chains without the pruning
+#: step) are export and xla, so the search orders the two by their counterparts' speed.
+PRUNE_75_XLA = Recipe("prune-75-no-finetune+xla", (*PRUNE_75.steps, StepSpec.of("xla")),
+                      "test: pruned, not fine-tuned, XLA")
+
+
 @pytest.fixture(scope="session")
 def labelled_run(labelled_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("auto") / "out"
-    report = optimize_auto(labelled_tiny, out, recipes=["xla", PRUNE_75], shapes=[(1, 16), (4, 16)],
-                           max_accuracy_drop=1.0, runs=5, warmup=2)
-    return report, out
+    lines: list[str] = []
+    report = optimize_auto(labelled_tiny, out, recipes=["xla", PRUNE_75, PRUNE_75_XLA], shapes=[(1, 16), (4, 16)],
+                           max_accuracy_drop=1.0, runs=5, warmup=2, log=lines.append)
+    return report, out, lines
 
 
 def test_kept_candidate_is_the_fastest_within_the_budget(labelled_run):
-    report, out = labelled_run
+    report, out, _ = labelled_run
     data = json.loads((out / "report.json").read_text())
     cands = {c["name"]: c for c in data["candidates"]}
     assert {"export", "xla", "prune-75-no-finetune"} <= set(cands)
@@ -144,7 +153,7 @@ def test_kept_candidate_is_the_fastest_within_the_budget(labelled_run):
 
 
 def test_accuracy_breach_is_dropped_with_its_reason(labelled_run):
-    report, _ = labelled_run
+    report, _, _ = labelled_run
     pruned = report.candidate("prune-75-no-finetune")
     assert pruned.status == "dropped" and pruned.accuracy_drop_points > 1.0
     assert "points below the reference" in pruned.reason and "budget 1" in pruned.reason
@@ -152,10 +161,24 @@ def test_accuracy_breach_is_dropped_with_its_reason(labelled_run):
     assert report.winner != pruned.name
 
 
+def test_group_is_built_in_counterpart_speed_order_and_dominance_needs_a_kept_sibling(labelled_run):
+    report, _, lines = labelled_run
+    note = next(n for n in report.run_notes if "prune-structured candidates were built in the order" in n)
+    m = {c: float(v) for c, v in re.findall(r"\((export|xla) ([0-9.]+) ms\)", note)}
+    assert set(m) == {"export", "xla"}  # both counterparts were timed in the quick round
+    first = "prune-75-no-finetune+xla" if m["xla"] < m["export"] else "prune-75-no-finetune"
+    started = [ln.split("] ")[1].split(":")[0] for ln in lines if ln.startswith("[") and "prune-75" in ln]
+    assert started[0] == first  # the member whose counterpart was faster is built first
+    for name in ("prune-75-no-finetune", "prune-75-no-finetune+xla"):
+        # both lose accuracy (75% of the units, no fine-tuning): neither is kept, so neither can dominate
+        # the other, and both are built and timed
+        assert report.candidate(name).status == "dropped" and report.candidate(name).measurements
+
+
 def test_plot_is_a_png_with_the_candidates(labelled_run):
     import matplotlib.image
 
-    _, out = labelled_run
+    _, out, _ = labelled_run
     png = out / "latency_vs_accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     h, w, _ = matplotlib.image.imread(png).shape
@@ -163,7 +186,7 @@ def test_plot_is_a_png_with_the_candidates(labelled_run):
 
 
 def test_winner_serves_in_a_fresh_process(labelled_run, labelled_tiny, tmp_path):
-    report, out = labelled_run
+    report, out, _ = labelled_run
     np.savez(tmp_path / "x.npz", **labelled_tiny.eval_inputs)
     code = ("import sys, numpy as np, tensorflow as tf\n"
             "f = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
@@ -220,6 +243,40 @@ def test_savedmodel_source_gets_the_recipes_that_apply_to_a_savedmodel(bert_tiny
 
 
 # ---------------------------------------------------------------------------------------------------
+# Time: interleaved timing stops clearly slower candidates; distillation stops when it would not fit
+
+
+def test_timing_stops_a_clearly_slower_runner_but_never_a_kept_one():
+    from tfaccel.auto import time_interleaved
+
+    runners = {"base": lambda x: time.sleep(0.012), "fast": lambda x: time.sleep(0.001),
+               "slow": lambda x: time.sleep(0.012), "close": lambda x: time.sleep(0.0011)}
+    t = time_interleaved(runners, {"x": np.zeros((1, 4))}, runs=12, warmup=1, stop_slower=1.2, min_runs=5,
+                         keep={"base"})
+    assert set(t.stopped) == {"slow"} and "clearly slower than fast" in t.stopped["slow"]
+    assert t.measurements["slow"].runs == 5  # stopped as soon as every runner had 5 timed calls
+    assert t.measurements["base"].runs == 12 and t.measurements["close"].runs == 12  # kept / not clearly slower
+    assert t.measurements["slow"].p50_ms > 5 * t.measurements["fast"].p50_ms
+    assert not time_interleaved(runners, {"x": np.zeros((1, 4))}, runs=6, warmup=1).stopped  # off by default
+
+
+def test_distillation_stops_when_its_measured_steps_would_not_fit(bert_tiny):
+    from tfaccel.pruning import distill
+    from tfaccel.pruning.distillation import DistillationOverBudget
+    from tfaccel.pruning.structured_pruning import prune_feedforward
+    from tfaccel.sources import token_sample_inputs
+
+    small, _ = prune_feedforward(bert_tiny.model, 0.5, method="weight")
+    x = token_sample_inputs(bert_tiny.input_specs, bert_tiny.vocab_size, batch=64, seq=16, seed=2)
+    before = [w.copy() for w in small.get_weights()]
+    with pytest.raises(DistillationOverBudget, match=r"distillation would take about \d+s \(8 steps at") as err:
+        distill(bert_tiny.model, small, x, epochs=2, batch_size=16, max_seconds=0.001)
+    assert err.value.projected_s > err.value.max_seconds == 0.001
+    assert "measured over 3 steps" in str(err.value)  # it stopped at the first projection, not at the end
+    assert any(not np.array_equal(a, b) for a, b in zip(before, small.get_weights(), strict=True))  # 3 real steps ran
+
+
+# ---------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -229,7 +286,7 @@ def test_cli_auto_progress_table_and_time_budget(tmp_path):
                    "--time-budget", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| rank | candidate |" in proc.stdout and "`export` **(winner)**" in proc.stdout
-    assert "[1/" in proc.stderr and "time budget of 0s used up" in proc.stderr  # progress lines
+    assert "[1/" in proc.stderr and "time budget of 0s: building stopped" in proc.stderr  # progress lines
     data = json.loads((out / "report.json").read_text())
     assert data["winner"] == "export" and (out / "saved_model" / "saved_model.pb").exists()
     not_tried = [c for c in data["candidates"] if c["status"] == "not tried"]
