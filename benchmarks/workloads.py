@@ -374,7 +374,9 @@ def build_auto(ctx: BuildContext) -> Built:
     notes = [f"--auto kept {win['name']} ({' -> '.join(win['steps'])}), the fastest of {timed} timed candidates "
              f"within its budget ({report['budget_rule']}); the auto run measured it at "
              + ", ".join(f"{v:.2f}x at {k}" for k, v in win["speedups"].items())
-             + f" vs tfaccel export{size_note}; wall time of the auto run {wall:.0f}s"]
+             + f" vs tfaccel export{size_note}; wall time of the auto run {wall:.0f}s"
+             + "".join(f"; not tried: {c['name']} ({c['reason'].split(':')[0]})" for c in cands.values()
+                       if c["status"] == "not tried")]
     ctx.log(f"  {notes[0]}")
     return Built(load=lambda: SavedModelRunner(str(path)), size_bytes=size, kind="saved_model", path=str(path),
                  build_seconds=wall, notes=notes, steps=tuple(win["steps"]))
