@@ -271,17 +271,20 @@ def _loadavg() -> float | None:
 
 
 def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.GenerationSpec | None = None) -> dict[str, Any]:
-    """Time every generation row: one warm-up call (tracing, XLA), then timed whole generations
-    (a quarter of --runs, at least 3). Rows after the first are checked against the first row's tokens.
-    Each row's peak resident memory (this process) is sampled from loading it to its last timed run."""
+    """Time every generation row: each row is built, loaded and warmed up (one untimed generation:
+    tracing, session set-up), then the rows' timed whole generations (a quarter of --runs, at least 3)
+    are interleaved, one generation per row in turn, so load from other work on the machine falls on
+    every row alike. Rows after the first are checked against the first row's tokens. Each row's peak
+    resident memory (this process) is sampled from loading it to the end of its warm-up generation."""
     from tfaccel.measure import PeakRSS
 
     spec = spec or w.generation
     runs = max(3, args.runs // 4)
     prompt = wl.generation_prompt(ctx.source.vocab_size, spec)
     out: dict[str, Any] = {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens, "batch": spec.batch,
-                           "sampler": spec.sampler, "rows": []}
+                           "sampler": spec.sampler, "rows": [], "timing": "interleaved"}
     reference_ids = None
+    ready: list[tuple[dict[str, Any], Any]] = []
     for g in w.generation_rows:
         row: dict[str, Any] = {"name": g.name, "group": g.group, "steps": list(g.steps), "status": "ok",
                                "error": None, "notes": []}
@@ -291,7 +294,6 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
         try:
             mem.__enter__()
             gen = g.prepare(ctx, spec, prompt)
-            row["load_average_before"] = _loadavg()
             t = time.perf_counter()
             first_out = gen.run()
             first = time.perf_counter() - t
@@ -300,24 +302,14 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
                 reference_ids = ids
             else:
                 row["token_agreement"] = float(np.mean(ids == reference_ids))
-            walls = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                gen.run()
-                walls.append(time.perf_counter() - t)
-            arr = np.asarray(walls)
-            new = spec.batch * spec.new_tokens
-            p50 = float(np.percentile(arr, 50))
-            row.update(load_average_after=_loadavg(), first_call_s=first, wall_p50_s=p50,
-                       wall_p95_s=float(np.percentile(arr, 95)), wall_min_s=float(arr.min()), runs=len(walls),
-                       new_tokens=new, tokens_per_s=new / p50, ms_per_token=p50 * 1000 / new, info=gen.info)
+            row.update(first_call_s=first, info=gen.info)
             agree = row.get("token_agreement")
-            log(f"   {new / p50:.1f} tokens/s ({p50 * 1000 / new:.1f} ms/token, wall p50 {p50:.2f}s over {len(walls)} "
-                f"runs, first call {first:.1f}s)" + (f", {agree:.1%} of new tokens as the first row" if agree is not None
-                                                      else ""))
+            log(f"   ready (first call {first:.1f}s)" + (f", {agree:.1%} of new tokens as the first row"
+                                                         if agree is not None else ""))
             if gen.info.get("jit_compile") is False:
                 row["notes"].append("keras-hub's generate ran as a tf.function without XLA: compile(jit_compile="
                                     "'auto') resolves to False on CPU-only TensorFlow (Trainer._resolve_auto_jit_compile)")
+            ready.append((row, gen))
         except wl.NotApplicable as exc:
             row.update(status="n/a", error=str(exc))
             log(f"   not applicable: {exc}")
@@ -332,6 +324,30 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
                 row.update(peak_rss_mb=mem.peak / 2**20, rss_growth_mb=mem.growth / 2**20)
             del gen
             gc.collect()
+    log(f"-- {w.name}: timing {len(ready)} generation rows interleaved, {runs} generations each")
+    load_before = _loadavg()
+    walls: dict[str, list[float]] = {row["name"]: [] for row, _ in ready}
+    for _ in range(runs):
+        for row, gen in list(ready):
+            try:
+                t = time.perf_counter()
+                gen.run()
+                walls[row["name"]].append(time.perf_counter() - t)
+            except Exception as exc:
+                row.update(status="failed", error=f"timed generation failed: {_error_text(exc)}")
+                log(f"   {row['name']}: FAILED: {row['error']}")
+                ready.remove((row, gen))
+    load_after = _loadavg()
+    new = spec.batch * spec.new_tokens
+    for row, _ in ready:
+        arr = np.asarray(walls[row["name"]])
+        p50 = float(np.percentile(arr, 50))
+        row.update(load_average_before=load_before, load_average_after=load_after, wall_p50_s=p50,
+                   wall_p95_s=float(np.percentile(arr, 95)), wall_min_s=float(arr.min()), runs=len(arr),
+                   new_tokens=new, tokens_per_s=new / p50, ms_per_token=p50 * 1000 / new)
+        log(f"   {row['name']:62s} {new / p50:6.1f} tokens/s ({p50 * 1000 / new:.1f} ms/token, wall p50 {p50:.2f}s)")
+    ready.clear()
+    gc.collect()
     base = next((r for r in out["rows"] if r["group"] == "baseline" and r["status"] == "ok"), None)
     for r in out["rows"]:
         if r["status"] == "ok" and base:
@@ -430,8 +446,9 @@ def to_markdown(results: dict[str, Any]) -> str:
             if not g:
                 continue
             lines += ["", f"Greedy generation, batch {g['batch']}, {g['prompt_tokens']} prompt tokens + "
-                          f"{g['new_tokens']} new tokens (tokens/s = new tokens / wall time, after one warm-up call; "
-                          "same tokens = share of new tokens equal to the first row's):",
+                          f"{g['new_tokens']} new tokens (tokens/s = new tokens / wall time, after one warm-up call; rows "
+                          "timed interleaved, one generation each in turn; same tokens = share of new tokens equal to "
+                          "the first row's; peak RSS: this process, up to the row's warm-up):",
                       "", "| row | tokens/s | ms/token | wall p50 s | wall p95 s | runs | speed-up | same tokens "
                           "| peak RSS MB | load average |",
                       "|---|---|---|---|---|---|---|---|---|---|"]

@@ -469,9 +469,10 @@ def signature_generate(signature: str = "generate_greedy", chain: tuple[str, ...
     return prepare
 
 
-def runner_generate(chain: tuple[str, ...]):
+def runner_generate(chain: tuple[str, ...], **generator_options):
     """Greedy generation through ``tfaccel.generation`` (what ``tfaccel generate`` runs) on the artifact
-    the tfaccel steps ``chain`` make: the generate SavedModel, an ONNX decoder or a TensorRT decoder."""
+    the tfaccel steps ``chain`` make: the generate SavedModel, an ONNX decoder or a TensorRT decoder.
+    ``generator_options`` go to the generator (e.g. ``intra_op_threads=1`` for an ONNX decoder)."""
 
     def prepare(ctx: BuildContext, spec: GenerationSpec, prompt: dict[str, np.ndarray]) -> Generator:
         from tfaccel.artifacts import dir_size
@@ -481,7 +482,7 @@ def runner_generate(chain: tuple[str, ...]):
         if reason:
             raise NotApplicable(reason)
         artifact, _ = build_chain(tuple(chain), ctx)
-        gen = load_generator(artifact.path)
+        gen = load_generator(artifact.path, **generator_options)
         ids = prompt["token_ids"].astype(np.int32)
         mask = prompt["padding_mask"].astype(np.int32)
         p = spec.prompt_tokens
@@ -494,7 +495,8 @@ def runner_generate(chain: tuple[str, ...]):
                 raise AssertionError(f"{gen.kind} returned lengths {res.lengths.tolist()}, expected {p + spec.new_tokens}")
             return res.token_ids[:, p: p + spec.new_tokens]
 
-        info = {"artifact": gen.kind, "size_mb": round(dir_size(artifact.path) / 2**20, 1)}
+        info = {"artifact": gen.kind, "size_mb": round(dir_size(artifact.path) / 2**20, 1),
+                **getattr(gen, "threading", {})}
         info.update({k: v for k, v in getattr(gen, "info", {}).items()
                      if k in ("quantization", "block_size", "per_channel", "reduce_range", "matmuls_quantized")})
         return Generator(run=run, new_token_ids=new_ids, info=info)
@@ -511,6 +513,10 @@ def default_generation_rows() -> list[GenerationRow]:
                       prepare=runner_generate(("onnx-decoder",)), steps=("onnx-decoder",)),
         GenerationRow(name="tfaccel ort-decoder-int8: onnxruntime dynamic int8, KV cache", group="tfaccel",
                       prepare=runner_generate(("onnx-decoder", "ort-decoder-int8")),
+                      steps=("onnx-decoder", "ort-decoder-int8")),
+        # the same int8 decoder on one onnxruntime thread: faster than two when other work loads the cores
+        GenerationRow(name="tfaccel ort-decoder-int8, 1 onnxruntime thread", group="tfaccel",
+                      prepare=runner_generate(("onnx-decoder", "ort-decoder-int8"), intra_op_threads=1),
                       steps=("onnx-decoder", "ort-decoder-int8")),
         GenerationRow(name="tfaccel ort-decoder-int4: MatMulNBits int4 weights, KV cache", group="tfaccel",
                       prepare=runner_generate(("onnx-decoder", "ort-decoder-int4")),

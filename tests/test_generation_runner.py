@@ -68,6 +68,19 @@ def test_stop_token_ends_a_row_the_same_way_in_every_artifact(artifacts):
     np.testing.assert_array_equal(results["saved_model"].lengths, results["fp32"].lengths)
 
 
+def test_onnx_thread_settings_give_the_same_tokens_and_bad_ones_are_named(artifacts):
+    """One thread with spinning and the default (all cores, no spinning) decode the same tokens."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    default = load_generator(artifacts["int8"])
+    one = load_generator(artifacts["int8"], intra_op_threads=1, spinning=True)
+    assert default.threading == {"intra_op_threads": 0, "spinning": False}
+    np.testing.assert_array_equal(one.generate(prompts, 8).token_ids, default.generate(prompts, 8).token_ids)
+    with pytest.raises(InputMismatchError, match="intra_op_threads=-1"):
+        load_generator(artifacts["fp32"], intra_op_threads=-1)
+    with pytest.raises(InputMismatchError, match="spinning='yes'"):
+        load_generator(artifacts["fp32"], spinning="yes")
+
+
 def test_bad_prompts_get_clear_errors(artifacts):
     gen = load_generator(artifacts["fp32"])  # gpt2-tiny: 300 ids, 64 positions
     with pytest.raises(InputMismatchError, match=r"60 \+ 8 = 68|68 > the model's maximum length 64"):

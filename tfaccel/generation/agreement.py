@@ -50,4 +50,26 @@ def decoder_agreement(causal_lm, generator, token_ids: np.ndarray, padding_mask:
     return {"token_agreement": free, "next_token_agreement": next_agree,
             "next_token_cosine_min": float(cos.min()), "next_token_cosine_mean": float(cos.mean()),
             "first_difference": min(diff) if diff else None, "prompts": int(len(token_ids)),
-            "new_tokens": int(new_tokens)}
+            "new_tokens": int(new_tokens),
+            **logit_gap_stats(ref_logits[pred_rows, pred_cols], dec_logits[pred_rows, pred_cols])}
+
+
+def logit_gap_stats(reference: np.ndarray, other: np.ndarray) -> dict:
+    """Why greedy tokens flip: the reference's top-1 minus top-2 logit gap against how much ``other``
+    moves that gap (``[positions, vocab]`` each).
+
+    A position's argmax flips when the decoder's error on (top-1 - top-2) exceeds the reference's gap,
+    so with near-tied top logits (random-weight models) even a small quantization error flips tokens.
+
+    Returns:
+        ``logit_gap_p05`` / ``logit_gap_p50``: percentiles of the reference's top-1 - top-2 gap;
+        ``gap_error_p50``: median |change of that gap| in ``other``; ``gap_exceeded``: share of
+        positions where the change is larger than the gap (the positions an argmax can flip at).
+    """
+    ref, oth = reference.astype(np.float64), other.astype(np.float64)
+    order = np.argsort(ref, axis=-1)
+    top1, top2 = order[:, -1:], order[:, -2:-1]
+    gap = (np.take_along_axis(ref, top1, -1) - np.take_along_axis(ref, top2, -1))[:, 0]
+    moved = (np.take_along_axis(oth, top1, -1) - np.take_along_axis(oth, top2, -1))[:, 0] - gap
+    return {"logit_gap_p05": float(np.percentile(gap, 5)), "logit_gap_p50": float(np.median(gap)),
+            "gap_error_p50": float(np.median(np.abs(moved))), "gap_exceeded": float(np.mean(np.abs(moved) > gap))}

@@ -122,14 +122,33 @@ class _CacheDecoder(Generator):
 class OnnxDecoderGenerator(_CacheDecoder):
     """An ONNX decoder folder (``decoder.onnx`` + ``decoder.json``) in onnxruntime on the CPU.
 
+    A decode step is about 2,000 small nodes around the weight MatMuls (tf2onnx's shape arithmetic), so
+    how onnxruntime's threads wait matters as much as the MatMuls. By default they do not spin: on this
+    project's shared 2-core machines (load 5-6 from other work, gpt2-small, 32 + 64 tokens, batch 1,
+    2026-12-01) spinning threads made the int8 decoder 1.7-2.0x slower (20 vs 34-38 tokens/s) and the
+    fp32 one 1.5x slower (9.5 vs 14 tokens/s); one thread was faster still under that load (43-62
+    tokens/s int8), two threads without spinning are the default because an idle machine has two cores
+    for the MatMuls.
+
     Args:
         folder: the decoder folder.
         intra_op_threads: onnxruntime threads (0: all cores).
+        spinning: let idle onnxruntime threads spin between nodes (onnxruntime's own default; fastest only
+            when nothing else runs on the cores).
+
+    Raises:
+        InputMismatchError: ``intra_op_threads`` is not an int >= 0 or ``spinning`` not a bool.
     """
 
     kind = "onnx_decoder"
 
-    def __init__(self, folder: str | os.PathLike, intra_op_threads: int = 0):
+    def __init__(self, folder: str | os.PathLike, intra_op_threads: int = 0, spinning: bool = False):
+        if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, (int, np.integer)) \
+                or intra_op_threads < 0:
+            raise InputMismatchError(f"intra_op_threads must be an int >= 0 (0: all cores). Received: "
+                                     f"intra_op_threads={intra_op_threads!r}")
+        if not isinstance(spinning, bool):
+            raise InputMismatchError(f"spinning must be True or False. Received: spinning={spinning!r}")
         super().__init__(folder)
         from tfaccel.compat import require
 
@@ -137,7 +156,9 @@ class OnnxDecoderGenerator(_CacheDecoder):
         self._ort = ort
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = intra_op_threads
+        opts.intra_op_num_threads = int(intra_op_threads)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.threading = {"intra_op_threads": int(intra_op_threads), "spinning": spinning}
         model = Path(folder) / self.info.get("onnx_file", "decoder.onnx")
         self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
         self._outputs = ["logits", *self.layout.present_names()]

@@ -61,6 +61,9 @@ class _DecoderStepBase(Step):
         ctx.note(f"greedy vs keras-hub generate on {res['prompts']} sample prompts x {res['new_tokens']} new tokens: "
                  f"{res['token_agreement']:.1%} of tokens the same (free-running), next-token argmax "
                  f"{res['next_token_agreement']:.1%}, next-token logits cosine min {res['next_token_cosine_min']:.5f}")
+        ctx.note(f"Keras model's top-1 - top-2 logit gap: median {res['logit_gap_p50']:.3g}, 5th percentile "
+                 f"{res['logit_gap_p05']:.3g}; this decoder moves that gap by {res['gap_error_p50']:.3g} (median), "
+                 f"more than the gap itself at {res['gap_exceeded']:.1%} of positions (where greedy tokens can flip)")
         if res["next_token_cosine_min"] < self.min_next_token_cosine:
             raise StepError(
                 f"Step '{self.name}': next-token logits cosine with the Keras model is {res['next_token_cosine_min']:.5f} "
