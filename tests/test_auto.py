@@ -269,6 +269,9 @@ def test_distillation_stops_when_its_measured_steps_would_not_fit(bert_tiny):
     small, _ = prune_feedforward(bert_tiny.model, 0.5, method="weight")
     x = token_sample_inputs(bert_tiny.input_specs, bert_tiny.vocab_size, batch=64, seq=16, seed=2)
     before = [w.copy() for w in small.get_weights()]
+    with pytest.raises(DistillationOverBudget, match="no time left for distillation"):
+        distill(bert_tiny.model, small, x, epochs=2, batch_size=16, max_seconds=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, small.get_weights(), strict=True))  # not started
     with pytest.raises(DistillationOverBudget, match=r"distillation would take about \d+s \(8 steps at") as err:
         distill(bert_tiny.model, small, x, epochs=2, batch_size=16, max_seconds=0.001)
     assert err.value.projected_s > err.value.max_seconds == 0.001

@@ -3,6 +3,7 @@ original (teacher), with Keras 3's own ``keras.distillation.Distiller``."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -113,6 +114,9 @@ def distill(
     if not 0.0 <= student_loss_weight <= 1.0:
         raise ValueError(f"student_loss_weight must be in [0, 1]. Received: student_loss_weight={student_loss_weight!r}")
 
+    if max_seconds is not None and max_seconds <= 0:
+        raise DistillationOverBudget(f"no time left for distillation ({max_seconds:.0f}s left); not started",
+                                     math.inf, max_seconds)
     structure = student.outputs if len(student.outputs) > 1 else student.outputs[0]
     out_struct = getattr(student, "_outputs_struct", structure)
     if isinstance(out_struct, dict):
