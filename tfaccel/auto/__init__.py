@@ -20,13 +20,15 @@ from tfaccel.auto.recipes import (
     plan_candidates,
     recipe_table,
 )
-from tfaccel.auto.search import optimize, optimize_auto
-from tfaccel.auto.timing import time_interleaved
+from tfaccel.auto.search import DEFAULT_TIME_BUDGET_S, optimize, optimize_auto
+from tfaccel.auto.timing import InterleavedTiming, time_interleaved
 
 __all__ = [
+    "DEFAULT_TIME_BUDGET_S",
     "RECIPES",
     "AutoCandidate",
     "AutoReport",
+    "InterleavedTiming",
     "PlannedCandidate",
     "Recipe",
     "StepSpec",
