@@ -8,7 +8,10 @@ techniques are tried (like optimum's O1-O4 optimization levels, kept in one plac
 
 Order matters: recipes are built in table order, so when the run's time budget runs out the ones at
 the end are the ones not tried. Cheap recipes that are often fastest come first; structured pruning
-(minutes of distillation) and the side artifacts (tf2onnx is minutes on BERT-base) come last.
+(minutes of distillation) and the side artifacts (tf2onnx is minutes on BERT-base) come last. Recipes
+that share a first step and whose remaining steps are another recipe (the ``prune-structured`` ones:
+their counterparts are ``export``, ``xla``, ``int8-*``) are built together, fastest counterpart first,
+and the search skips the ones a within-budget sibling dominates (:func:`tfaccel.auto.optimize_auto`).
 
 Example:
     >>> from tfaccel.auto.recipes import plan_candidates
