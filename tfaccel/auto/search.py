@@ -192,6 +192,13 @@ def optimize_auto(
     same source on its own branch, validated against the reference, and timed interleaved with the
     others at ``shapes``. The fastest SavedModel within the budget becomes ``OUT/saved_model``.
 
+    Two rules save time without changing the result's meaning, and the report states each one:
+    recipes that share a first step and whose remaining steps are another candidate (the pruned ones:
+    ``prune-structured+int8-xla`` -> ``int8-xla``) are built fastest counterpart first, after a quick
+    interleaved timing of the counterparts. Once one of them is within budget, a sibling whose
+    counterpart was clearly slower (:data:`DOMINANCE_MARGIN`, quartiles apart) is not tried
+    ("dominated"). Candidates that would not fit the time budget are not tried ("time budget").
+
     Args:
         model_or_source: a :class:`tfaccel.ModelSource`, or anything :func:`tfaccel.load_source` takes
             (an example name, a .keras file, a preset folder, a keras.Model).
