@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tfaccel import Pipeline
-from tfaccel.errors import StepError
+from tfaccel.errors import InputMismatchError, StepError
 from tfaccel.generation import OnnxDecoderGenerator
 from tfaccel.generation.agreement import decoder_agreement
 from tfaccel.onnx.decoder_export import decoder_layout, export_decoder, read_layout
@@ -92,6 +92,17 @@ def test_quantized_decoders_agree_with_keras_hub(family, variant, min_next, min_
     # why tokens flip: quantization moves the top-1 - top-2 gap by more than the gap at some positions
     assert 0 < res["logit_gap_p05"] <= res["logit_gap_p50"] and res["gap_error_p50"] > 0, res
     assert res["gap_exceeded"] >= 1 - res["next_token_agreement"] - 0.05, res
+
+
+def test_stepwise_teacher_forced_logits_equal_the_keras_forward_pass(family):
+    """Prefill 3 tokens, then one decode step per given token: the logits the Keras model gives there."""
+    seq = np.concatenate([PROMPTS, PROMPTS[:, ::-1] % 200 + 1], axis=1)  # 16 tokens, every row full
+    want = np.asarray(family["model"]({"token_ids": seq, "padding_mask": np.ones_like(seq)}, training=False))
+    got = OnnxDecoderGenerator(family["fp32"]).stepwise_logits(seq, 3)
+    np.testing.assert_allclose(got[:, 2:-1], want[:, 2:-1], atol=1e-4)
+    assert not got[:, :2].any()
+    with pytest.raises(InputMismatchError, match="start=0"):
+        OnnxDecoderGenerator(family["fp32"]).stepwise_logits(seq, 0)
 
 
 def test_fp32_decoder_never_moves_a_top_logit_gap_past_the_gap(family):

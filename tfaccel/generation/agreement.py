@@ -28,9 +28,9 @@ def decoder_agreement(causal_lm, generator, token_ids: np.ndarray, padding_mask:
 
     Returns:
         ``token_agreement`` (free-running, position by position), ``next_token_agreement`` (teacher-forced:
-        on keras-hub's own sequence, the share of generated positions where the decoder's argmax is
-        keras-hub's token), ``next_token_cosine_min`` / ``_mean`` (cosine of the decoder's next-token
-        logits with the Keras model's on that sequence), and ``first_difference`` (index of the first new
+        on keras-hub's own sequence, fed one decode step per token as greedy decoding runs, the share of
+        generated positions where the decoder's argmax is keras-hub's token), ``next_token_cosine_min`` /
+        ``_mean`` (cosine of the decoder's next-token logits with the Keras model's on that sequence), and ``first_difference`` (index of the first new
         token that differs in any row, None when all agree).
     """
     from tfaccel.xla.generate_export import keras_hub_greedy
@@ -40,7 +40,10 @@ def decoder_agreement(causal_lm, generator, token_ids: np.ndarray, padding_mask:
     got = generator.generate(token_ids, new_tokens, -1, padding_mask=padding_mask).token_ids
     free = token_agreement(want, got, lengths, new_tokens)
     full_mask = (np.arange(want.shape[1])[None, :] < (lengths + new_tokens)[:, None]).astype(np.int32)
-    dec_logits = generator.logits(want, full_mask)
+    # teacher-forced through decode steps, as greedy decoding runs (generators without steps: one forward pass)
+    stepwise = getattr(generator, "stepwise_logits", None)
+    start = max(int(lengths.min()), 1)
+    dec_logits = stepwise(want, start) if stepwise else generator.logits(want, full_mask)
     ref_logits = np.asarray(causal_lm({"token_ids": want, "padding_mask": full_mask}, training=False))
     rows, cols = np.nonzero((np.arange(want.shape[1])[None, :] >= lengths[:, None]) & (full_mask > 0))
     pred_rows, pred_cols = rows, cols - 1  # logits at p-1 predict the token at p

@@ -114,6 +114,30 @@ class _CacheDecoder(Generator):
     def _step(self, x, state):
         raise NotImplementedError
 
+    def stepwise_logits(self, token_ids: np.ndarray, start: int) -> np.ndarray:
+        """Teacher-forced logits the way greedy decoding computes them: prefill ``token_ids[:, :start]``,
+        then one decode step per position, each fed the given token instead of the decoder's own.
+
+        A dynamic-int8 decoder quantizes each call's activations with one scale, so a whole-sequence
+        forward pass (:meth:`logits`) is coarser than decoding one token at a time; this is the measure
+        of what decoding picks.
+
+        Returns:
+            ``[batch, width, vocab]`` float32: at position ``p >= start - 1`` the logits that predict
+            token ``p + 1``; zeros before ``start - 1``.
+        """
+        ids = np.ascontiguousarray(token_ids, dtype=np.int32)
+        batch, width = ids.shape
+        if not 1 <= start <= width:
+            raise InputMismatchError(f"start must be in [1, {width}] for token_ids of width {width}. Received: start={start}")
+        state = {"past": self._empty_past(batch), "past_len": 0}
+        first = self._step(ids[:, :start], state)
+        out = np.zeros((batch, width, first.shape[-1]), np.float32)
+        out[:, start - 1] = first
+        for p in range(start, width - 1):
+            out[:, p] = self._step(ids[:, p: p + 1], state)
+        return out
+
     def logits(self, token_ids: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
         """The forward pass (no past): logits ``[batch, seq, vocab]`` with the padding mask applied."""
         raise NotImplementedError
