@@ -30,8 +30,13 @@ demo: $(STAMP)
 	@echo "Candidates, ranked (demo-out/report.md; plot: demo-out/latency_vs_accuracy.png):"
 	@sed -n '/^\*\*Winner/p; /^| rank |/,/^$$/p' demo-out/report.md
 
+# The suite in TEST_WORKERS processes (pytest-xdist), a file per worker at a time so module fixtures are built
+# once; the notebooks first, as they are the longest items. The first worker that needs minilm-bbc builds it,
+# the other waits for that build (a lock in the cache). TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests --nbmake --nbmake-timeout=1200 notebooks -p no:cacheprovider --durations=30
+	$(PY) -m pytest --nbmake --nbmake-timeout=1200 notebooks tests -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0 \
+		-p no:cacheprovider --durations=30
 
 # The hardware-dependent tests again, deciding as an AVX2-only CPU (AMD Zen 3) would: tfaccel's ISA cap and
 # XLA's own. Not oneDNN's ONEDNN_MAX_CPU_ISA: TensorFlow still picks oneDNN's bf16 matmul from CPUID, and the

@@ -117,3 +117,27 @@ def test_in_memory_keras_model_is_a_source():
     src = load_source(model)
     assert src.input_names == ["features"] and not src.dict_inputs
     assert KerasRunner(src.model, dict_inputs=False)(src.sample_inputs)["scores"].shape == (8, 2)
+
+
+def test_example_build_lock_makes_a_second_process_wait(tmp_path):
+    # Two test workers (or notebooks) on one empty cache: the second waits for the first build, it does not
+    # start its own three-minute fine-tune.
+    import subprocess
+    import sys
+    import time
+
+    from tfaccel.examples.builders import _build_lock
+
+    lock = tmp_path / ".example.lock"
+    code = ("import sys, time; from pathlib import Path; from tfaccel.examples.builders import _build_lock\n"
+            "with _build_lock(Path(sys.argv[1]), lambda m: print(m, flush=True), 'example'):\n"
+            "    print('got', time.time(), flush=True)\n")
+    with _build_lock(lock, None, "example"):
+        child = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+        first = child.stdout.readline()  # blocks until the child has found the lock taken (or exited)
+        time.sleep(0.5)
+        released = time.time()
+    rest, _ = child.communicate(timeout=120)
+    assert child.returncode == 0
+    assert "another process is building it; waiting" in first, first + rest
+    assert float(rest.split("got ")[1]) >= released, rest

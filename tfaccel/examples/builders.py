@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,26 @@ def cache_dir() -> Path:
 def _say(progress, msg: str) -> None:
     if progress is not None:
         progress(msg)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, progress, name: str):
+    """An exclusive lock on ``path`` (flock where the OS has it), held while one process builds ``name``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; concurrent builds still end in one complete folder (os.replace)
+        yield
+        return
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            _say(progress, f"{name}: another process is building it; waiting for that build")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _seeded(seed: int = 0):
@@ -158,16 +179,20 @@ def minilm_bbc(progress=None):
     final = cache_dir() / f"minilm-bbc-{MINILM_BBC_VERSION}"
     if not (final / "meta.json").exists():
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".minilm-bbc-", dir=final.parent))
-        try:
-            build_minilm_bbc(tmp, progress=progress)
-            if final.exists():  # a concurrent build finished first
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # One build at a time per cache (parallel test workers, notebooks side by side): the others wait
+        # for it and then load what it wrote.
+        with _build_lock(final.parent / f".{final.name}.lock", progress, "minilm-bbc"):
+            if not (final / "meta.json").exists():
+                tmp = Path(tempfile.mkdtemp(prefix=".minilm-bbc-", dir=final.parent))
+                try:
+                    build_minilm_bbc(tmp, progress=progress)
+                    if final.exists():  # a build without the lock (an older tfaccel) finished first
+                        shutil.rmtree(tmp)
+                    else:
+                        os.replace(tmp, final)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
     else:
         _say(progress, f"minilm-bbc: using cached model in {final}")
     meta = json.loads((final / "meta.json").read_text())
