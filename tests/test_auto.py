@@ -257,7 +257,8 @@ def test_timing_stops_a_clearly_slower_runner_but_never_a_kept_one():
                "slow": lambda x: time.sleep(0.03), "close": lambda x: time.sleep(0.003)}
     t = time_interleaved(runners, {"x": np.zeros((1, 4))}, runs=12, warmup=1, stop_slower=1.2, min_runs=5,
                          keep={"base"})
-    assert set(t.stopped) == {"slow"} and "clearly slower than fast" in t.stopped["slow"]
+    assert set(t.stopped) == {"slow"}
+    assert re.search(r"clearly slower than (fast|close) ", t.stopped["slow"]), t.stopped["slow"]  # they tie
     assert t.measurements["slow"].runs == 5  # stopped as soon as every runner had 5 timed calls
     assert t.measurements["base"].runs == 12 and t.measurements["close"].runs == 12  # kept / not clearly slower
     assert t.measurements["slow"].p50_ms > 5 * t.measurements["fast"].p50_ms
