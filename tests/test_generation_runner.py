@@ -120,6 +120,14 @@ def test_cli_generate_in_a_fresh_process(gpt2_tiny, artifacts):
     assert bad.returncode == 2 and "'two' is not an integer token id" in bad.stderr
     long = run_cli("generate", str(artifacts["fp32"]), "--prompt-ids", ",".join(["1"] * 62), "--max-new-tokens", "4")
     assert long.returncode == 2 and "maximum length 64" in long.stderr
+    one = run_cli("generate", str(artifacts["fp32"]), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                  "--threads", "1", "--spin", "--json")
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout.strip().splitlines()[-1])["new_token_ids"] == [want[0, 3:].tolist()]
+    bad_threads = run_cli("generate", str(artifacts["fp32"]), "--prompt-ids", "1,2,3", "--threads", "-2")
+    assert bad_threads.returncode == 2 and "intra_op_threads" in bad_threads.stderr, bad_threads.stderr
+    not_onnx = run_cli("generate", str(artifacts["saved_model"]), "--prompt-ids", "1,2,3", "--threads", "1")
+    assert not_onnx.returncode == 2 and "only apply to an ONNX decoder" in not_onnx.stderr, not_onnx.stderr
 
 
 @pytest.mark.gpu

@@ -271,6 +271,13 @@ def artifact_kind(path: str | os.PathLike) -> str:
 def load_generator(path: str | os.PathLike, **kwargs) -> Generator:
     """The generator for a generation artifact (see :func:`artifact_kind`).
 
+    Args:
+        path: a generate SavedModel, or an ONNX / TensorRT decoder folder (or its .onnx / .plan file).
+        **kwargs: for an ONNX decoder, :class:`OnnxDecoderGenerator`'s ``intra_op_threads`` and ``spinning``.
+
+    Raises:
+        InputMismatchError: options given for an artifact that is not an ONNX decoder.
+
     Example:
         >>> gen = load_generator("out/stages/02-onnx-decoder")  # doctest: +SKIP
         >>> gen.generate([[464, 3290]], max_new_tokens=8).token_ids.shape  # doctest: +SKIP
@@ -280,6 +287,10 @@ def load_generator(path: str | os.PathLike, **kwargs) -> Generator:
     p = Path(path)
     if p.is_file():
         p = p.parent
+    if kwargs and kind != "onnx_decoder":
+        raise InputMismatchError(
+            f"{', '.join(sorted(kwargs))} only apply to an ONNX decoder (onnxruntime's threads); {path} is a "
+            f"{kind}. Drop the option(s), or pass a folder from onnx-decoder / ort-decoder-int8 / ort-decoder-int4.")
     if kind == "saved_model":
         return SavedModelGenerator(p)
     if kind == "tensorrt_decoder":
