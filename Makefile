@@ -45,7 +45,8 @@ test: $(STAMP)
 AVX2_ENV := TFACCEL_CPU_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2
 test-avx2: $(STAMP)
 	$(AVX2_ENV) $(PY) -m pytest tests/test_cpu_paths.py tests/test_quantization.py tests/test_onnx.py \
-		tests/test_precision.py tests/test_tensorrt.py -m "not large" -p no:cacheprovider
+		tests/test_precision.py tests/test_tensorrt.py tests/test_auto.py -m "not large" -p no:cacheprovider \
+		-n $(TEST_WORKERS) --dist loadfile
 
 # Unit tests only (no real-model or notebook tests): a quick check while developing.
 test-fast: $(STAMP)
