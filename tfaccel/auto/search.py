@@ -353,19 +353,21 @@ def optimize_auto(
 
         validate_s: list[float] = []  # seconds each candidate's validation took
 
+        def after_steps_s(todo: list) -> float:
+            """Seconds ``todo`` took earlier in this run (0 for steps not built yet), plus a validation."""
+            return (sum(builder.step_seconds.get(st.name, 0.0) for st in todo)
+                    + sum(validate_s) / max(1, len(validate_s)))
+
         def estimate(todo: list) -> float | None:
             """Seconds to build ``todo`` and validate, from this run's measured step and validation
             times (None when a step has not been built yet in this run)."""
             if any(st.name not in builder.step_seconds for st in todo):
                 return None
-            return sum(builder.step_seconds[st.name] for st in todo) + (sum(validate_s) / max(1, len(validate_s)))
+            return after_steps_s(todo)
 
         def deadline_for(steps: list) -> Callable[[int], float | None]:
             def at(k: int) -> float | None:
-                if build_deadline is None:
-                    return None
-                later = sum(builder.step_seconds.get(st.name, 0.0) for st in steps[k + 1:])
-                return build_deadline - later - (sum(validate_s) / max(1, len(validate_s)))
+                return None if build_deadline is None else build_deadline - after_steps_s(steps[k + 1:])
             return at
 
         queue = list(planned)
