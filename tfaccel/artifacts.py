@@ -161,6 +161,30 @@ class SavedModelRunner:
         return {k: v.numpy() for k, v in out.items()}
 
 
+def ort_cpu_session(path: str | os.PathLike, *, fuse_qdq: bool = True, intra_op_threads: int = 0,
+                    spinning: bool | None = None, purpose: str = "running ONNX artifacts"):
+    """An onnxruntime session on the CPU with every graph optimization: what tfaccel runs ONNX files in.
+
+    Args:
+        path: the .onnx file.
+        fuse_qdq: False sets ``session.disable_quant_qdq`` (see :class:`OnnxRunner`).
+        intra_op_threads: onnxruntime threads (0: all cores).
+        spinning: whether idle threads spin between nodes (None: onnxruntime's default, which spins).
+        purpose: what onnxruntime is needed for, in the error when it is not installed.
+    """
+    from tfaccel.compat import require
+
+    ort = require("onnxruntime", purpose=purpose)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(intra_op_threads)
+    if not fuse_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    if spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxRunner:
     """Runs an ONNX file with onnxruntime on the CPU (all cores).
 
@@ -173,14 +197,7 @@ class OnnxRunner:
     """
 
     def __init__(self, path: str, fuse_qdq: bool = True):
-        from tfaccel.compat import require
-
-        ort = require("onnxruntime", purpose="running ONNX artifacts")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not fuse_qdq:
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort_cpu_session(path, fuse_qdq=fuse_qdq)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._np_types = {i.name: _ort_type_to_numpy(i.type) for i in self.session.get_inputs()}

@@ -174,17 +174,14 @@ class OnnxDecoderGenerator(_CacheDecoder):
         if not isinstance(spinning, bool):
             raise InputMismatchError(f"spinning must be True or False. Received: spinning={spinning!r}")
         super().__init__(folder)
+        from tfaccel.artifacts import ort_cpu_session
         from tfaccel.compat import require
 
-        ort = require("onnxruntime", purpose="running ONNX decoders")
-        self._ort = ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(intra_op_threads)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self._ort = require("onnxruntime", purpose="running ONNX decoders")
         self.threading = {"intra_op_threads": int(intra_op_threads), "spinning": spinning}
         model = Path(folder) / self.info.get("onnx_file", "decoder.onnx")
-        self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        self.session = ort_cpu_session(model, intra_op_threads=int(intra_op_threads), spinning=spinning,
+                                       purpose="running ONNX decoders")
         self._outputs = ["logits", *self.layout.present_names()]
 
     def _run(self, feed):
