@@ -68,6 +68,45 @@ def test_layout_and_onnx_inputs_follow_grouped_kv_heads(llama_tiny, tmp_path_fac
     assert [o.name for o in sess.get_outputs()] == ["logits", "present_0", "present_1"]
 
 
+def test_gpt2_gets_the_native_graph_and_other_families_the_traced_one(family):
+    layout, info = read_layout(family["fp32"])
+    assert info["graph"] == ("gpt2-native" if layout.family == "GPT2CausalLM" else "keras-layers")
+    for variant in ("int8", "int4"):
+        assert read_layout(family[variant])[1]["graph"] == info["graph"]
+
+
+def test_native_gpt2_graph_is_the_traced_graphs_tokens_in_a_third_of_the_nodes(gpt2_tiny, tmp_path_factory):
+    import onnx
+
+    native = decoders("gpt2", gpt2_tiny.model, tmp_path_factory)["fp32"]
+    traced = tmp_path_factory.mktemp("gpt2-traced")
+    export_decoder(gpt2_tiny.model, traced, graph="keras-layers")
+    assert read_layout(traced)[1]["graph"] == "keras-layers"
+    nodes = {k: len(onnx.load(str(f / "decoder.onnx")).graph.node) for k, f in (("native", native), ("traced", traced))}
+    assert nodes["native"] * 2.5 < nodes["traced"], nodes
+    want = keras_hub_greedy(gpt2_tiny.model, PROMPTS, MASK, NEW)
+    for folder in (native, traced):
+        got = OnnxDecoderGenerator(folder).generate(PROMPTS, NEW, padding_mask=MASK)
+        np.testing.assert_array_equal(got.token_ids, want)
+
+
+def test_native_gpt2_graph_refuses_what_it_does_not_express(llama_tiny, tmp_path):
+    import keras_hub
+
+    from tfaccel.onnx.decoder_export import native_gpt2_refusal
+
+    bf16 = keras_hub.models.GPT2CausalLM(backbone=keras_hub.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=32,
+        dtype="mixed_bfloat16"), preprocessor=None)
+    assert "mixed_bfloat16" in native_gpt2_refusal(bf16)
+    assert "LlamaCausalLM" in native_gpt2_refusal(llama_tiny)
+    with pytest.raises(StepError, match="native GPT-2 decoder graph does not cover this model: LlamaCausalLM"):
+        export_decoder(llama_tiny, tmp_path / "x", graph="gpt2-native")
+    with pytest.raises(StepError, match="graph must be one of auto, gpt2-native, keras-layers"):
+        export_decoder(llama_tiny, tmp_path / "y", graph="fast")
+    assert not (tmp_path / "x").exists()
+
+
 def test_prefill_logits_equal_the_keras_forward_pass(family):
     model = family["model"]
     want = np.asarray(model({"token_ids": PROMPTS, "padding_mask": MASK}, training=False))
@@ -117,12 +156,16 @@ def test_quantized_graphs_quantize_every_weight_matmul(family):
     from tfaccel.onnx.decoder_quantize import gemm_to_matmul
 
     fp32 = onnx.load(str(family["fp32"] / "decoder.onnx"))
-    assert any(n.op_type == "Gemm" for n in fp32.graph.node)  # tf2onnx writes the attention projections as Gemm
+    layout, info = read_layout(family["fp32"])
+    if info["graph"] == "keras-layers":
+        assert any(n.op_type == "Gemm" for n in fp32.graph.node)  # tf2onnx writes the attention projections as Gemm
     gemm_to_matmul(fp32)
     inits = {i.name for i in fp32.graph.initializer}
     weights = sum(n.op_type == "MatMul" and n.input[1] in inits for n in fp32.graph.node)
-    # q/k/v/output (tf2onnx merges k and v when their random weights are equal) + feed-forward + LM head
-    assert weights >= 2 * 5 + 1
+    if info["graph"] == "gpt2-native":  # one fused q/k/v, output, two feed-forward per layer + LM head
+        assert weights == 4 * layout.num_layers + 1
+    else:  # q/k/v/output (tf2onnx merges k and v when their random weights are equal) + feed-forward + LM head
+        assert weights >= 2 * 5 + 1
     for folder, op in ((family["int8"], "MatMulInteger"), (family["int4"], "MatMulNBits")):
         g = onnx.load(str(folder / "decoder.onnx"))
         assert not any(n.op_type == "Gemm" for n in g.graph.node)
@@ -138,6 +181,7 @@ def test_pipeline_steps_validate_and_report_agreement(gpt2_tiny, tmp_path):
     assert rows["onnx-decoder"].kind == "onnx_decoder" and rows["onnx-decoder"].status == "ok"
     assert rows["onnx-decoder"].comparison["max_abs_diff"] < 1e-3
     assert any("100.0% of tokens the same" in n for n in rows["onnx-decoder"].notes)
+    assert any("gpt2-native graph" in n for n in rows["onnx-decoder"].notes)
     assert rows["ort-decoder-int8"].comparison["min_cosine"] > 0.98
     assert (tmp_path / "out" / rows["ort-decoder-int4"].path / "decoder.json").exists()
 
@@ -151,3 +195,5 @@ def test_unsupported_models_and_bad_options_are_named(bert_tiny):
 
     with pytest.raises(Exception, match="block_size=48"):
         get_step("ort-decoder-int4", block_size=48)
+    with pytest.raises(ValueError, match="graph=.fast."):
+        get_step("onnx-decoder", graph="fast")

@@ -127,7 +127,7 @@ def _prepare(src_folder, dst_folder):
 
 def _carried(src_info: dict) -> dict:
     """Facts of the float decoder a quantized one keeps (output name, file, opset)."""
-    return {k: src_info[k] for k in ("output_name", "onnx_file", "opset") if k in src_info}
+    return {k: src_info[k] for k in ("output_name", "onnx_file", "opset", "graph") if k in src_info}
 
 
 def _count(model, op_type: str) -> int:
