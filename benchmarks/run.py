@@ -280,7 +280,8 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
 
     spec = spec or w.generation
     runs = max(3, args.runs // 4)
-    prompt = wl.generation_prompt(ctx.source.vocab_size, spec)
+    texts = ctx.source.sample_inputs["token_ids"] if w.real_prompts else None
+    prompt = wl.generation_prompt(ctx.source.vocab_size, spec, texts=texts)
     out: dict[str, Any] = {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens, "batch": spec.batch,
                            "sampler": spec.sampler, "rows": [], "timing": "interleaved"}
     reference_ids = None
@@ -477,7 +478,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for results.json and results.md (created)")
     p.add_argument("--workloads", default=None,
-                   help="comma-separated subset of: bert-base, minilm-bbc, gpt2-small (default: all)")
+                   help="comma-separated subset of: bert-base, minilm-bbc, gpt2-small, gpt2-bbc (default: all)")
     p.add_argument("--rows", default=None,
                    help="comma-separated row names to run (model.export is always included; default: all)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per row and shape (default 20; quick: 3)")

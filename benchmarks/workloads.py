@@ -527,10 +527,19 @@ def default_generation_rows() -> list[GenerationRow]:
     ]
 
 
-def generation_prompt(vocab_size: int, spec: GenerationSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random prompt token ids (batch, prompt_tokens) and an all-ones padding mask."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab_size, size=(spec.batch, spec.prompt_tokens)).astype("int32")
+def generation_prompt(vocab_size: int, spec: GenerationSpec, seed: int = 0,
+                      texts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Prompt token ids (batch, prompt_tokens) and an all-ones padding mask: the first tokens of ``texts``
+    (rows of real token ids, e.g. held-out articles) when given, else random ids."""
+    if texts is not None:
+        texts = np.asarray(texts)
+        if texts.shape[0] < spec.batch or texts.shape[1] < spec.prompt_tokens:
+            raise ValueError(f"{texts.shape[0]} real prompts of {texts.shape[1]} tokens cannot make a batch of "
+                             f"{spec.batch} x {spec.prompt_tokens}")
+        ids = np.ascontiguousarray(texts[: spec.batch, : spec.prompt_tokens]).astype("int32")
+    else:
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(1, vocab_size, size=(spec.batch, spec.prompt_tokens)).astype("int32")
     return {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype="int32")}
 
 
@@ -551,6 +560,8 @@ class Workload:
     step_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # Quick mode: make an eval split from synthetic inputs labelled by the Keras model itself.
     synthetic_eval: int = 0
+    # Generation prompts: the source's sample token ids (real text) instead of random ids.
+    real_prompts: bool = False
     note: str = ""
 
 
@@ -578,4 +589,9 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
         "gpt2-small": Workload("gpt2-small", "gpt2-small", [(1, 128)], generation=GenerationSpec(32, 64),
                                more_generation=[GenerationSpec(32, 64, batch=8)],
                                note="GPT-2 small architecture (124M), random weights"),
+        # Token agreement of the quantized decoders on a model whose next-token choices are not near ties.
+        "gpt2-bbc": Workload("gpt2-bbc", "gpt2-bbc", [(1, 128)], generation=GenerationSpec(32, 64),
+                             more_generation=[GenerationSpec(32, 64, batch=8)], real_prompts=True,
+                             note="GPT-2 (4 layers, hidden 256) trained here on BBC News; prompts are the first 32 "
+                                  "tokens of held-out articles"),
     }

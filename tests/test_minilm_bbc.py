@@ -54,3 +54,46 @@ def test_onnx_and_ort_int8_keep_accuracy_within_one_point(minilm_bbc, tmp_path):
     ref = report.reference.accuracy
     assert abs(report.stage("onnx").accuracy - ref) < 1e-9
     assert report.stage("ort-int8").accuracy >= ref - 0.01
+
+
+def test_gpt2_bbc_text_is_minilm_wordpiece_with_a_separator_after_each_article():
+    import keras_hub
+
+    from tfaccel.examples.builders import _bbc_token_stream, _windows, minilm_dir
+
+    (texts, _), _ = bbc_news.split(n_train=3, n_eval=0)
+    stream = _bbc_token_stream(texts)
+    tok = keras_hub.models.BertTokenizer.from_preset(minilm_dir())
+    sep = tok.token_to_id("[SEP]")
+    assert stream.dtype == np.int32 and stream.max() < 30522 and (stream == sep).sum() == 3 and stream[-1] == sep
+    first = stream[: int(np.argmax(stream == sep))]
+    words = texts[0].lower().split()[:5]
+    assert all(w.strip(".,'\"") in tok.detokenize(first[:40]) for w in words), (words, tok.detokenize(first[:40]))
+    w = _windows(stream, 129)
+    assert w.shape == (len(stream) // 129, 129) and np.array_equal(w.ravel(), stream[: w.size])
+
+
+def test_cached_build_builds_once_and_a_failed_build_leaves_nothing(tmp_path):
+    from tfaccel.examples.builders import _cached_build
+
+    calls = []
+
+    def build(target, progress=None):
+        calls.append(target)
+        (target / "meta.json").write_text("{}")
+
+    final = tmp_path / "cache" / "example-v1"
+    _cached_build("example", final, build, None)
+    _cached_build("example", final, build, None)
+    assert len(calls) == 1 and (final / "meta.json").exists()
+
+    def broken(target, progress=None):
+        (target / "half-written").write_text("x")
+        raise RuntimeError("disk full")
+
+    other = tmp_path / "cache" / "other-v1"
+    with pytest.raises(RuntimeError, match="disk full"):
+        _cached_build("other", other, broken, None)
+    assert not other.exists() and [p.name for p in other.parent.iterdir() if not p.name.startswith(".")] == [
+        "example-v1"]
+    assert not [p for p in other.parent.iterdir() if p.is_dir() and p.name.startswith(".other-")]  # no temp folder

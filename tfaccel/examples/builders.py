@@ -17,6 +17,8 @@ from tfaccel.examples import bbc_news
 
 MINILM_BBC_VERSION = "v3"
 MINILM_SEQ = 128
+GPT2_BBC_VERSION = "v1"
+GPT2_BBC_SEQ = 128
 
 
 def cache_dir() -> Path:
@@ -47,6 +49,24 @@ def _build_lock(path: Path, progress, name: str):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cached_build(name: str, final: Path, build, progress) -> None:
+    """Build ``final`` once per cache: under a lock, into a temporary folder moved into place when complete."""
+    if (final / "meta.json").exists():
+        _say(progress, f"{name}: using cached model in {final}")
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(final.parent / f".{final.name}.lock", progress, name):
+        if (final / "meta.json").exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+        try:
+            build(tmp, progress=progress)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _seeded(seed: int = 0):
@@ -177,24 +197,9 @@ def minilm_bbc(progress=None):
     import keras_hub  # noqa: F401  (registers classes for load_model)
 
     final = cache_dir() / f"minilm-bbc-{MINILM_BBC_VERSION}"
-    if not (final / "meta.json").exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # One build at a time per cache (parallel test workers, notebooks side by side): the others wait
-        # for it and then load what it wrote.
-        with _build_lock(final.parent / f".{final.name}.lock", progress, "minilm-bbc"):
-            if not (final / "meta.json").exists():
-                tmp = Path(tempfile.mkdtemp(prefix=".minilm-bbc-", dir=final.parent))
-                try:
-                    build_minilm_bbc(tmp, progress=progress)
-                    if final.exists():  # a build without the lock (an older tfaccel) finished first
-                        shutil.rmtree(tmp)
-                    else:
-                        os.replace(tmp, final)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-    else:
-        _say(progress, f"minilm-bbc: using cached model in {final}")
+    # One build at a time per cache (parallel test workers, notebooks side by side): the others wait for it
+    # and then load what it wrote.
+    _cached_build("minilm-bbc", final, build_minilm_bbc, progress)
     meta = json.loads((final / "meta.json").read_text())
     model = keras.saving.load_model(str(final / "model.keras"), compile=False)
     with np.load(final / "data.npz") as d:
@@ -207,4 +212,97 @@ def minilm_bbc(progress=None):
     )
     src.sample_inputs = {k: v[:8] for k, v in eval_inputs.items()}
     src.default_seq = MINILM_SEQ
+    return src
+
+
+# --------------------------------------------------------------------------------------------------
+# gpt2-bbc: a GPT-2 trained here, so decoders can be judged on a model whose next-token choices mean something
+#
+# No pretrained GPT-2 installs offline (FACTS.md), and a random-weight GPT-2's top logits are near ties
+# (gpt2-small: median top-1 - top-2 gap 0.044), so int8 token agreement on it measures noise. This is the
+# GPT-2 architecture (4 layers, hidden 256, 4 heads) trained as a causal LM on the BBC News articles not held
+# out, tokenized with all-MiniLM-L6-v2's real WordPiece vocabulary (30,522 tokens, lowercase).
+
+
+def _bbc_token_stream(texts) -> np.ndarray:
+    import keras_hub
+
+    tok = keras_hub.models.BertTokenizer.from_preset(minilm_dir())
+    sep = int(tok.token_to_id("[SEP]"))
+    parts = []
+    for start in range(0, len(texts), 128):
+        for ids in tok(texts[start: start + 128]):
+            parts.append(np.asarray(ids, np.int32))
+            parts.append(np.array([sep], np.int32))
+    return np.concatenate(parts)
+
+
+def _windows(stream: np.ndarray, width: int) -> np.ndarray:
+    n = len(stream) // width
+    return stream[: n * width].reshape(n, width)
+
+
+def build_gpt2_bbc(target: Path, progress=None, steps: int = 600, batch: int = 16, jit_compile: bool = True, n_eval: int = 200) -> dict:
+    """Train the gpt2-bbc causal LM and write model.keras, data.npz (held-out windows), meta.json into target."""
+    import keras
+    import keras_hub
+    import tensorflow as tf
+
+    _seeded()
+    (train_x, _), (eval_x, _) = bbc_news.split(n_train=2000, n_eval=n_eval)
+    _say(progress, f"gpt2-bbc: tokenizing {len(train_x)} train / {len(eval_x)} held-out BBC articles")
+    train = _windows(_bbc_token_stream(train_x), GPT2_BBC_SEQ + 1)
+    held = _windows(_bbc_token_stream(eval_x), GPT2_BBC_SEQ + 1)
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=30522, num_layers=4, num_heads=4, hidden_dim=256,
+                                             intermediate_dim=1024, dropout=0.0, max_sequence_length=256)
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    lr = keras.optimizers.schedules.CosineDecay(0.0, steps, warmup_target=1e-3, warmup_steps=max(1, steps // 20))
+    model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=0.01), jit_compile=jit_compile,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), weighted_metrics=["accuracy"])
+
+    def pairs(w):
+        return {"token_ids": w[:, :-1], "padding_mask": np.ones_like(w[:, :-1])}, w[:, 1:]
+
+    x, y = pairs(train)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=0).repeat().batch(batch)
+    _say(progress, f"gpt2-bbc: training {steps} steps of {batch} x {GPT2_BBC_SEQ} tokens on {len(y)} windows "
+                   "(about 10 minutes on 2 cores, cached afterwards)")
+    t0 = time.time()
+    hist = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=2)
+    seconds = time.time() - t0
+    ex, ey = pairs(held)
+    eval_loss, eval_acc = model.evaluate(ex, ey, batch_size=32, verbose=0)
+    _say(progress, f"gpt2-bbc: held-out loss {eval_loss:.3f} (perplexity {np.exp(eval_loss):.0f}), next-token "
+                   f"accuracy {eval_acc:.3f} ({seconds:.0f}s training)")
+    clean = keras_hub.models.GPT2CausalLM(backbone=keras_hub.models.GPT2Backbone.from_config(backbone.get_config()),
+                                          preprocessor=None)
+    clean.set_weights(model.get_weights())
+    clean.save(str(target / "model.keras"))
+    np.savez(target / "data.npz", eval_token_ids=held)
+    meta = {"version": GPT2_BBC_VERSION, "steps": steps, "batch": batch, "sequence_length": GPT2_BBC_SEQ,
+            "train_windows": int(len(y)), "eval_windows": int(len(held)), "train_seconds": seconds,
+            "train_loss": float(hist.history["loss"][-1]), "eval_loss": float(eval_loss),
+            "eval_perplexity": float(np.exp(eval_loss)), "eval_next_token_accuracy": float(eval_acc),
+            "keras": keras.__version__, "keras_hub": keras_hub.__version__}
+    (target / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def gpt2_bbc(progress=None):
+    """The GPT-2 trained on BBC News (:func:`build_gpt2_bbc`), built once and cached under :func:`cache_dir`.
+
+    Its sample inputs are 8 held-out BBC windows of 128 tokens: real text prompts."""
+    import keras
+    import keras_hub  # noqa: F401  (registers classes for load_model)
+
+    final = cache_dir() / f"gpt2-bbc-{GPT2_BBC_VERSION}"
+    _cached_build("gpt2-bbc", final, build_gpt2_bbc, progress)
+    meta = json.loads((final / "meta.json").read_text())
+    model = keras.saving.load_model(str(final / "model.keras"), compile=False)
+    with np.load(final / "data.npz") as d:
+        held = d["eval_token_ids"][:, :-1]
+    src = _source(model, "gpt2-bbc", path=str(final), task="causal_lm",
+                  description=f"GPT-2 (4 layers, hidden 256) trained here on BBC News, held-out perplexity "
+                              f"{meta['eval_perplexity']:.0f}, next-token accuracy {meta['eval_next_token_accuracy']:.3f}")
+    src.sample_inputs = {"token_ids": held[:8], "padding_mask": np.ones_like(held[:8])}
     return src

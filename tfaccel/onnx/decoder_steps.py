@@ -114,9 +114,13 @@ class OnnxDecoderStep(_DecoderStepBase):
         return {"opset": self.opset, "graph": self.graph, **self._base_params()}
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
-        from tfaccel.onnx.decoder_export import decoder_layout, export_decoder
-
-        from tfaccel.onnx.decoder_export import NATIVE_GPT2, native_gpt2_refusal, read_layout
+        from tfaccel.onnx.decoder_export import (
+            NATIVE_GPT2,
+            decoder_layout,
+            export_decoder,
+            native_gpt2_refusal,
+            read_layout,
+        )
 
         decoder_layout(artifact.model)  # a clear error for unsupported families, before any work
         if self.graph == NATIVE_GPT2 and native_gpt2_refusal(artifact.model):
