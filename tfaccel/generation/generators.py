@@ -146,10 +146,10 @@ class _CacheDecoder(Generator):
 class OnnxDecoderGenerator(_CacheDecoder):
     """An ONNX decoder folder (``decoder.onnx`` + ``decoder.json``) in onnxruntime on the CPU.
 
-    A decode step is about 2,000 small nodes around the weight MatMuls (tf2onnx's shape arithmetic), so
-    how onnxruntime's threads wait matters as much as the MatMuls. By default they do not spin: on this
-    project's shared 2-core machines (load 5-6 from other work, gpt2-small, 32 + 64 tokens, batch 1,
-    2026-12-01) spinning threads made the int8 decoder 1.7-2.0x slower (20 vs 34-38 tokens/s) and the
+    A decode step is hundreds of small nodes around the weight MatMuls (gpt2-small: ~630 in the native
+    GPT-2 graph, ~2,100 traced through keras-hub's layers), so how onnxruntime's threads wait between them
+    matters. By default they do not spin: on this project's shared 2-core machines (load 5-6 from other work,
+    gpt2-small traced graph, 32 + 64 tokens, batch 1, 2026-12-01) spinning threads made the int8 decoder 1.7-2.0x slower (20 vs 34-38 tokens/s) and the
     fp32 one 1.5x slower (9.5 vs 14 tokens/s); one thread was faster still under that load (43-62
     tokens/s int8), two threads without spinning are the default because an idle machine has two cores
     for the MatMuls.

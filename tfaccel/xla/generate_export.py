@@ -13,9 +13,13 @@ gpt2-small, batch 1, one process (2026-11-22): one single-token decode step take
 69 ms as a plain graph (XLA's CPU code for batch-1 matrix-vector products is slower than TensorFlow's
 oneDNN kernels), so ``jit_compile="auto"`` compiles with XLA only when a GPU is visible. On the 2-core Intel
 Xeon with AMX (2026-12-01, interleaved with keras-hub's ``generate``, load 5-6): graph mode 1.01-1.10x
-keras-hub, XLA 0.61x, Keras int8 weights 0.87x, bfloat16 weights 0.94x. The loop computes what keras-hub's
-``generate`` computes, and TensorFlow's CPU kernels do not turn fewer weight bytes into a faster batch-1 step,
-so on CPUs the ONNX decoders (:mod:`tfaccel.onnx.decoder_export`) are the faster route.
+keras-hub, XLA 0.61x, Keras int8 weights 0.87x, bfloat16 weights 0.94x. GPT-2's step written in plain
+TensorFlow ops (the ONNX decoder's ``gpt2-native`` step, which onnxruntime runs 1.4x faster than the traced
+one) took as long in TensorFlow as keras-hub's own step (129 vs 128 ms at past length 32, same process, load
+~3): TensorFlow's per-op overhead is not what limits the loop, its batch-1 matrix-vector kernels are. The loop
+computes what keras-hub's ``generate`` computes, and TensorFlow's CPU kernels do not turn fewer weight bytes or
+fewer ops into a faster batch-1 step, so on CPUs the ONNX decoders (:mod:`tfaccel.onnx.decoder_export`) are
+the faster route.
 
 Signatures:
     serving_default(token_ids, padding_mask) -> logits                 (the forward pass, for validation)
