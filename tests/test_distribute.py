@@ -8,10 +8,12 @@ worker) need fresh processes: tests/test_distribute_training.py.
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,6 +402,57 @@ def test_launcher_main_parses_the_command_line(capsys):
     assert launcher.main(["1", "--", "/nonexistent/python"]) == 2
     with pytest.raises(ValueError, match="host='10.0.0.1'"):
         launcher.launch(["true"], 1, host="10.0.0.1")
+
+
+def test_worker_argv_puts_the_parent_death_shim_in_front_only_where_the_os_has_it(monkeypatch):
+    from tfaccel import compat
+
+    monkeypatch.setattr(compat, "parent_death_signal_supported", lambda: True)
+    argv = launcher.worker_argv([sys.executable, "-c", "print(1)"])
+    assert argv[:2] == [sys.executable, "-c"] and "PR_SET_PDEATHSIG" in argv[2]
+    assert argv[3] == str(os.getpid()) and argv[5:] == [sys.executable, "-c", "print(1)"]
+    monkeypatch.setattr(compat, "parent_death_signal_supported", lambda: False)
+    assert launcher.worker_argv(["python3", "train.py"]) == ["python3", "train.py"]
+    with pytest.raises(FileNotFoundError, match="'no-such-trainer' is not an executable file on PATH"):
+        launcher.worker_argv(["no-such-trainer", "x"])
+
+
+@pytest.mark.skipif(not __import__("tfaccel.compat", fromlist=["x"]).parent_death_signal_supported(),
+                    reason="parent-death signals are Linux-only (prctl); elsewhere workers are stopped by launch()")
+def test_workers_do_not_outlive_a_killed_launcher(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    worker = ("import os, sys, time; open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close(); "
+              "print('argv0', sys.argv[0]); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-m", "tfaccel.distribute.launcher", "2", "--max-restarts", "0", "--",
+                             sys.executable, "-c", worker, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def alive(pid):
+        try:
+            return "State:\tZ" not in (Path("/proc") / str(pid) / "status").read_text()
+        except FileNotFoundError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(p.name) for p in tmp_path.iterdir()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        proc.send_signal(signal.SIGKILL)  # no chance to stop its workers itself
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids), "a worker outlived its killed launcher"
+    finally:
+        proc.kill()
+        for p in tmp_path.iterdir():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(p.name), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------

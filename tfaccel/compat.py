@@ -212,6 +212,12 @@ def tf_tensorrt_enabled() -> tuple[bool, str]:
     )
 
 
+def parent_death_signal_supported() -> bool:
+    """Whether a child process can ask the kernel to signal it when its parent dies (Linux ``prctl``
+    ``PR_SET_PDEATHSIG``): the local training launcher uses it so workers never outlive it."""
+    return platform.system() == "Linux"
+
+
 def gpu_devices() -> list[str]:
     import tensorflow as tf
 

@@ -12,6 +12,10 @@ sees its attempt number in ``TFACCEL_RESTART`` (0 on the first start).
 
 Exit status: 0 when every worker exits 0; otherwise the failing worker's code (128+signal if it was
 killed by a signal), 124 on ``--timeout``.
+
+On Linux each worker asks the kernel for SIGTERM when the launcher dies (``PR_SET_PDEATHSIG``, set by a
+small Python shim that then ``exec``s the command, so the worker keeps its PID and exit status): a killed
+launcher (or a killed pytest running one) leaves no workers behind.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +78,35 @@ class LaunchResult:
     @property
     def restarts(self) -> int:
         return len(self.attempts) - 1
+
+
+# Runs in each worker process before its command: SIGTERM when the launcher dies, then exec the command.
+_PARENT_DEATH_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG\n"
+    "    sys.exit('tfaccel launcher: prctl(PR_SET_PDEATHSIG) failed: errno %d' % ctypes.get_errno())\n"
+    "if os.getppid() != int(sys.argv[1]):  # the launcher died before the request took effect\n"
+    "    sys.exit(143)\n"
+    "os.execv(sys.argv[2], sys.argv[3:])  # the resolved executable, with the command's own argv\n"
+)
+
+
+def worker_argv(command: Sequence[str]) -> list[str]:
+    """The argv a worker starts with: ``command``, behind the parent-death shim where the OS has one.
+
+    Raises:
+        FileNotFoundError: ``command[0]`` is not an executable file or on PATH (checked here, because
+            behind the shim the failure would only show as a worker exiting 1).
+    """
+    from tfaccel.compat import parent_death_signal_supported
+
+    exe = command[0]
+    found = shutil.which(exe)
+    if found is None:
+        raise FileNotFoundError(f"{exe!r} is not an executable file{'' if os.sep in exe else ' on PATH'}")
+    if not parent_death_signal_supported():
+        return list(command)
+    return [sys.executable, "-c", _PARENT_DEATH_SHIM, str(os.getpid()), found, *command]
 
 
 def _exit_status(code: int) -> int:
@@ -160,6 +194,7 @@ def launch(
         raise ValueError("No worker command given. Example: tfaccel train-workers 2 -- python train.py")
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"The local launcher only listens on loopback. Received: host={host!r}")
+    argv = worker_argv(command)
     printer = _Printer(output or sys.stdout)
     say = lambda msg: printer.line(f"[launcher] {msg}")  # noqa: E731
     start = time.monotonic()
@@ -176,7 +211,7 @@ def launch(
                     "TFACCEL_WORKER_INDEX": str(i), "TFACCEL_NUM_WORKERS": str(num_workers),
                     "TFACCEL_RESTART": str(attempt), "PYTHONUNBUFFERED": "1",
                 }
-                proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env=worker_env, start_new_session=True)
                 procs.append(proc)
                 t = threading.Thread(target=_pump, args=(proc, f"[worker {i}] ", printer), daemon=True)
