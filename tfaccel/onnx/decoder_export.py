@@ -428,6 +428,24 @@ def _onnx_friendly_slice_update():
 GRAPHS = ("auto", NATIVE_GPT2, "keras-layers")
 
 
+def resolve_graph(causal_lm, graph: str = "auto") -> tuple[str, str | None]:
+    """The decoder graph :func:`export_decoder` writes for ``graph`` (one of :data:`GRAPHS`), and why the
+    native GPT-2 graph does not cover this model (None when it does).
+
+    Raises:
+        StepError: an unknown ``graph``, or ``gpt2-native`` for a model it does not cover (the reason).
+    """
+    if graph not in GRAPHS:
+        raise StepError(f"graph must be one of {', '.join(GRAPHS)}. Received: graph={graph!r}")
+    refusal = native_gpt2_refusal(causal_lm)
+    if graph == NATIVE_GPT2 and refusal:
+        raise StepError(f"The native GPT-2 decoder graph does not cover this model: {refusal}. "
+                        "Use graph='auto' (or 'keras-layers').")
+    if graph == "auto":
+        graph = NATIVE_GPT2 if refusal is None else "keras-layers"
+    return graph, refusal
+
+
 def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, graph: str = "auto",
                    log=None) -> DecoderLayout:
     """Write ``folder/decoder.onnx`` and ``folder/decoder.json`` for a keras-hub CausalLM.
@@ -457,15 +475,8 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, gra
     from tfaccel.onnx.onnx_convert import convert_saved_model
     from tfaccel.saved_model import write_endpoints, write_keras_endpoints
 
-    if graph not in GRAPHS:
-        raise StepError(f"graph must be one of {', '.join(GRAPHS)}. Received: graph={graph!r}")
     layout = decoder_layout(causal_lm)
-    refusal = native_gpt2_refusal(causal_lm)
-    if graph == NATIVE_GPT2 and refusal:
-        raise StepError(f"The native GPT-2 decoder graph does not cover this model: {refusal}. "
-                        "Use graph='auto' (or 'keras-layers').")
-    if graph == "auto":
-        graph = NATIVE_GPT2 if refusal is None else "keras-layers"
+    graph, _ = resolve_graph(causal_lm, graph)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".decoder-savedmodel-", dir=folder))

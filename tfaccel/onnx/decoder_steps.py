@@ -118,18 +118,16 @@ class OnnxDecoderStep(_DecoderStepBase):
             NATIVE_GPT2,
             decoder_layout,
             export_decoder,
-            native_gpt2_refusal,
-            read_layout,
+            resolve_graph,
         )
 
         decoder_layout(artifact.model)  # a clear error for unsupported families, before any work
-        if self.graph == NATIVE_GPT2 and native_gpt2_refusal(artifact.model):
-            raise StepError(f"Step '{self.name}': graph={NATIVE_GPT2} does not cover this model: "
-                            f"{native_gpt2_refusal(artifact.model)}. Use --set {self.name}.graph=auto.")
-        layout = export_decoder(artifact.model, ctx.stage_dir, opset=self.opset, graph=self.graph, log=ctx.log)
-        graph = read_layout(ctx.stage_dir)[1]["graph"]
-        why = "" if graph == NATIVE_GPT2 else (
-            f" ({native_gpt2_refusal(artifact.model)})" if type(artifact.model).__name__ == "GPT2CausalLM" else "")
+        try:
+            graph, refusal = resolve_graph(artifact.model, self.graph)
+        except StepError as exc:
+            raise StepError(f"Step '{self.name}': {exc} On the command line: --set {self.name}.graph=auto.") from exc
+        layout = export_decoder(artifact.model, ctx.stage_dir, opset=self.opset, graph=graph, log=ctx.log)
+        why = f" ({refusal})" if graph != NATIVE_GPT2 and type(artifact.model).__name__ == "GPT2CausalLM" else ""
         ctx.note(f"{layout.family}: {layout.num_layers} layers, {layout.num_kv_heads} KV heads x {layout.head_dim}; "
                  f"one graph for prefill (past length 0) and decode; {graph} graph{why}")
         res = self._validate(ctx.stage_dir, ctx)
