@@ -194,9 +194,12 @@ def make_decoder_step(causal_lm, external_embeddings: bool = False):
     for name in layout.past_names():
         sig[name] = tf.TensorSpec([None, 2, None, layout.num_kv_heads, layout.head_dim], dtype, name=name)
     if external_embeddings:
-        table, head = embedding_weights(causal_lm)
-        sig[EMBEDDING_INPUT] = tf.TensorSpec(table.shape, tf.as_dtype(table.dtype), name=EMBEDDING_INPUT)
-        sig[LM_HEAD_INPUT] = tf.TensorSpec(head.shape, tf.as_dtype(head.dtype), name=LM_HEAD_INPUT)
+        # shapes only (the arrays are read once, by export_decoder): table [vocab, hidden], head [hidden, vocab]
+        table = emb_layer.embeddings
+        head_dtype = table.dtype if emb_layer.tie_weights else emb_layer.reverse_embeddings.dtype
+        vocab, width = (int(d) for d in table.shape)
+        sig[EMBEDDING_INPUT] = tf.TensorSpec([vocab, width], tf.as_dtype(table.dtype), name=EMBEDDING_INPUT)
+        sig[LM_HEAD_INPUT] = tf.TensorSpec([width, vocab], tf.as_dtype(head_dtype), name=LM_HEAD_INPUT)
     return step, [sig]
 
 
@@ -207,7 +210,8 @@ def make_decoder_step(causal_lm, external_embeddings: bool = False):
 # shape arithmetic for every einsum, layer norm and mask), and onnxruntime spends about as long between
 # those nodes as in the weight MatMuls (profiled 2026-12-01: 2,098 nodes per step, MatMul + Gemm 64% of
 # kernel time). The same computation written here with shapes computed once per step is ~50 nodes a layer,
-# which onnxruntime fuses further (LayerNormalization, FastGelu). Every weight enters as an input and is
+# which onnxruntime fuses further (FastGelu; not LayerNormalization: tf2onnx writes the means as
+# GlobalAveragePool, which its LayerNorm fusion does not match). Every weight enters as an input and is
 # attached as an initializer after conversion, so each MatMul's B is an initializer the int8/int4 passes
 # quantize, and tf2onnx never holds a large constant.
 
