@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("keras", "saved_model", "onnx", "tensorrt", "tflite", "onnx_decoder", "tensorrt_decoder")
+KINDS = ("keras", "saved_model", "onnx", "tensorrt", "tflite", "onnx_decoder", "tensorrt_decoder", "openvino")
 KIND_NAMES = {"keras": "Keras model", "saved_model": "SavedModel", "onnx": "ONNX model",
               "tensorrt": "TensorRT engine", "tflite": "LiteRT model",
-              "onnx_decoder": "ONNX KV-cache decoder", "tensorrt_decoder": "TensorRT KV-cache decoder"}
+              "onnx_decoder": "ONNX KV-cache decoder", "tensorrt_decoder": "TensorRT KV-cache decoder",
+              "openvino": "OpenVINO IR"}
 
 
 def output_names_of(model) -> list[str] | None:
@@ -112,6 +113,10 @@ class Artifact:
             from tfaccel.quantization.litert import LiteRTRunner
 
             return LiteRTRunner(self.path)
+        if self.kind == "openvino":
+            from tfaccel.openvino.ir import OpenVINORunner
+
+            return OpenVINORunner(self.path)
         if self.kind in ("onnx_decoder", "tensorrt_decoder"):
             from tfaccel.generation.generators import DecoderLogitsRunner
 
