@@ -29,7 +29,7 @@ from typing import Any
 from tfaccel.errors import PlanError
 
 #: The artifact formats a recipe can serve; ``formats="savedmodel"`` keeps only the first.
-FORMATS = ("savedmodel", "onnx", "tflite", "tensorrt")
+FORMATS = ("savedmodel", "onnx", "tflite", "tensorrt", "openvino")
 #: What ``--formats`` accepts.
 FORMAT_CHOICES = ("savedmodel", "all")
 
@@ -152,6 +152,17 @@ def _litert(caps) -> tuple[bool, str]:
     return (True, "") if package_version("ai-edge-litert") else (False, "ai-edge-litert is not installed")
 
 
+def _openvino(caps) -> tuple[bool, str]:
+    missing = [name for name, version in (("openvino", caps.openvino), ("nncf", caps.nncf)) if not version]
+    return (False, f"{' and '.join(missing)} not installed (pip install 'tfaccel[openvino]')") if missing else (True, "")
+
+
+def _openvino_bf16(caps) -> tuple[bool, str]:
+    """OpenVINO's f32 is a different candidate from its default only where the default is bf16."""
+    precision, reason = caps.openvino_precision("auto")
+    return (True, "") if precision == "bf16" else (False, f"OpenVINO computes in f32 here anyway ({reason})")
+
+
 def _trt_route(route: str) -> Predicate:
     def predicate(caps) -> tuple[bool, str]:
         have, reason = caps.tensorrt_route
@@ -193,6 +204,18 @@ RECIPES: tuple[Recipe, ...] = (
            requires=(_trt_route("tftrt"),)),
     Recipe("tftrt-int8", (S("export"), S("tftrt", precision="int8")), "TF-TRT int8 SavedModel (NVIDIA GPU)",
            requires=(_trt_route("tftrt"),)),
+    Recipe("openvino", (S("export"), S("openvino")),
+           "OpenVINO IR (openvino.convert_model) in OpenVINO's CPU plugin, at the precision the CPU has (bf16 or f32)",
+           requires=(_openvino,), format="openvino"),
+    Recipe("openvino-f32", (S("export"), S("openvino", inference_precision="f32")),
+           "OpenVINO IR computing in f32 on a CPU whose default is bf16", requires=(_openvino, _openvino_bf16),
+           format="openvino"),
+    Recipe("ov-int8", (S("export"), S("openvino"), S("ov-int8")),
+           "OpenVINO int8 (NNCF post-training quantization, ModelType.TRANSFORMER, 64 calibration samples)",
+           requires=(_openvino,), format="openvino"),
+    Recipe("prune-structured+ov-int8", (S("prune-structured"), S("export"), S("openvino"), S("ov-int8")),
+           "pruned and distilled, then OpenVINO int8 (NNCF)", requires=(_openvino,), needs_finetune_data=True,
+           format="openvino"),
     Recipe("onnx", (S("export"), S("onnx", opset=17)), "ONNX (tf2onnx) in onnxruntime, float32",
            requires=(_onnx,), format="onnx"),
     Recipe("ort-int8", (S("export"), S("onnx", opset=17), S("ort-int8")),
