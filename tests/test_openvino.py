@@ -13,8 +13,8 @@ import pytest
 from conftest import run_cli
 
 from tfaccel import Pipeline, get_step
-from tfaccel.artifacts import KerasRunner
 from tfaccel.compat import override_capabilities
+from tfaccel.core.artifact import KerasRunner
 from tfaccel.errors import MissingDependencyError, PlanError
 
 pytest.importorskip("openvino")
@@ -190,8 +190,8 @@ def test_accuracy_control_needs_labels_and_the_extra_is_named(bert_tiny, monkeyp
 def test_accuracy_controlled_int8_keeps_the_budget(bert_tiny, tmp_path):
     """Labels from the model itself, on the examples whose top logit leads by a clear margin (random bert-tiny's
     logits are near ties elsewhere): the reference is 100% right there, and a 5-point budget."""
+    from tfaccel.core.validation import Tolerance
     from tfaccel.sources import token_sample_inputs
-    from tfaccel.validation import Tolerance
 
     x = token_sample_inputs(bert_tiny.input_specs, bert_tiny.vocab_size, batch=200, seq=16, seed=4)
     logits = KerasRunner(bert_tiny.model)(x)["logits"]

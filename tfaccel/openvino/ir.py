@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tfaccel.core.artifact import register_kind
 from tfaccel.errors import PlanError, StepError
 
 OPENVINO_KIND = "openvino"
@@ -285,3 +286,6 @@ def _type_name(element_type) -> str:
     """OpenVINO's short name of an element type ("bf16", "f32")."""
     to_string = getattr(element_type, "to_string", None)
     return to_string() if callable(to_string) else str(element_type)
+
+
+register_kind(OPENVINO_KIND, "OpenVINO IR", lambda a: OpenVINORunner(a.path))

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import PlanError, StepError
 from tfaccel.openvino.ir import (
     EXTRA,
@@ -26,8 +28,6 @@ from tfaccel.openvino.ir import (
     require_openvino,
     save_ir,
 )
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
 
 PRECISIONS = ("auto", "f32", "bf16")
 
