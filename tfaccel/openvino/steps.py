@@ -45,7 +45,7 @@ def _check_threads(threads: Any) -> None:
 class _OpenVINOStepBase(Step):
     side_artifact = True
 
-    def __init__(self, inference_precision: str = "auto", performance_hint: str = "latency",
+    def __init__(self, inference_precision: str = "auto", performance_hint: str = "auto",
                  threads: int | None = None, **kwargs):
         _check_choice("inference_precision", inference_precision, PRECISIONS)
         _check_choice("performance_hint", performance_hint, HINTS)
@@ -83,9 +83,11 @@ class _OpenVINOStepBase(Step):
 
     def _note_runtime(self, ctx: StepContext) -> None:
         precision, why = self.precision()
-        config = compile_config(precision, self.performance_hint, self.threads)
+        config = compile_config(precision, "latency", self.threads)
+        hint = {"auto": "latency hint below the plugin's stream count, throughput hint (batch split across its "
+                        "streams) from it", "latency": "latency hint", "throughput": "throughput hint"}
         ctx.note(f"runs in OpenVINO's CPU plugin: inference precision {precision} ({why}), "
-                 f"{self.performance_hint} hint, {config['INFERENCE_NUM_THREADS']} threads")
+                 f"{hint[self.performance_hint]}, {config['INFERENCE_NUM_THREADS']} threads")
 
 
 class OpenVINOStep(_OpenVINOStepBase):
@@ -99,8 +101,9 @@ class OpenVINOStep(_OpenVINOStepBase):
     Args:
         inference_precision: "auto" (bf16 where the CPU has bf16 instructions, else f32: see
             :meth:`tfaccel.compat.Capabilities.openvino_precision`), "f32" or "bf16".
-        performance_hint: "latency" (one request, all threads) or "throughput" (the batch split across the
-            plugin's streams).
+        performance_hint: "auto" (latency for a batch smaller than the plugin's throughput streams, else
+            the batch split across them), "latency" (one request, all threads) or "throughput" (see
+            :class:`tfaccel.openvino.OpenVINORunner`).
         threads: inference threads (None: all cores).
         compress_to_fp16: store the IR's weights in fp16 (OpenVINO's default; half the size).
 
@@ -120,7 +123,7 @@ class OpenVINOStep(_OpenVINOStepBase):
     # f32 compute on fp16-stored weights: minilm-bbc's logits cosine 0.99978, the same accuracy
     f32_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.999, max_accuracy_drop=0.0)
 
-    def __init__(self, inference_precision: str = "auto", performance_hint: str = "latency",
+    def __init__(self, inference_precision: str = "auto", performance_hint: str = "auto",
                  threads: int | None = None, compress_to_fp16: bool = True, **kwargs):
         if not isinstance(compress_to_fp16, bool):
             raise ValueError(f"compress_to_fp16 must be true or false. Received: {compress_to_fp16!r}")
@@ -176,7 +179,7 @@ class OpenVINOInt8Step(_OpenVINOStepBase):
     f32_tolerance = default_tolerance
 
     def __init__(self, samples: int = 64, accuracy_control: bool = False, inference_precision: str = "auto",
-                 performance_hint: str = "latency", threads: int | None = None, **kwargs):
+                 performance_hint: str = "auto", threads: int | None = None, **kwargs):
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise ValueError(f"samples must be a positive int. Received: samples={samples!r}")
         if not isinstance(accuracy_control, bool):
