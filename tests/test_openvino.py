@@ -226,3 +226,21 @@ def test_ov_int8_on_minilm_bbc_is_within_one_point(minilm_bbc, tmp_path):
     assert ref > 0.9
     for stage in report.stages[2:]:
         assert stage.status == "ok" and stage.accuracy >= ref - 0.01, (stage.step, stage.accuracy, ref)
+
+
+def test_auto_formats_all_builds_validates_and_times_the_openvino_candidates(bert_tiny, tmp_path):
+    from tfaccel.auto import optimize_auto
+    from tfaccel.openvino import OpenVINORunner
+
+    out = tmp_path / "auto"
+    report = optimize_auto(bert_tiny, out, recipes=["openvino", "ov-int8"], formats="all", shapes=[(1, 16), (4, 16)],
+                           runs=3, warmup=1)
+    for name in ("openvino", "ov-int8"):
+        c = report.candidate(name)
+        assert c.status == "kept" and c.kind == "openvino" and c.format == "openvino", (name, c.status, c.reason)
+        assert set(c.speedups) == {"1x16", "4x16"} and c.min_cosine > 0.98
+    assert report.candidate("ov-int8").steps == ["export", "openvino", "ov-int8"]
+    if report.fastest_artifact != report.winner:  # an IR was fastest: copied beside the SavedModel, and it runs
+        assert report.fastest_artifact_path.startswith("fastest")
+        got = OpenVINORunner(out / report.fastest_artifact_path)(bert_tiny.sample_inputs)["logits"]
+        assert _cosine(got, KerasRunner(bert_tiny.model)(bert_tiny.sample_inputs)["logits"]).min() > 0.98
