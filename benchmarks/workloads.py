@@ -506,7 +506,7 @@ def plain_openvino_row(int8: bool, samples: int = 64) -> RowSpec:
         return Built(load=lambda: _PlainOpenVINO(str(xml)), size_bytes=dir_size(xml.parent), kind="openvino",
                      path=str(xml.parent), build_seconds=seconds, notes=notes)
 
-    name = f"plain OpenVINO {'int8 (nncf.quantize, 64 samples)' if int8 else '(convert_model)'} by hand"
+    name = f"plain OpenVINO {'int8 (nncf.quantize on 64 samples)' if int8 else '(convert_model)'} by hand"
     return RowSpec(name=name, group="peer", steps=(), build=build, runtime="openvino",
                    precision="int8" if int8 else "default")
 
