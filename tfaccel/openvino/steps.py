@@ -25,7 +25,6 @@ from tfaccel.openvino.ir import (
     ir_xml,
     quantized_saved_model_reason,
     read_meta,
-    require_openvino,
     save_ir,
 )
 
@@ -66,9 +65,27 @@ class _OpenVINOStepBase(Step):
         except ValueError as exc:
             raise PlanError(f"Step '{self.name}': {exc}") from exc
 
+    #: The packages this step imports (all in the ``openvino`` extra).
+    packages: tuple[str, ...] = ("openvino",)
+
+    def unavailable(self, caps) -> str:
+        missing = [n for n in self.packages if not getattr(caps, n, None)]
+        if missing:
+            return f"{' and '.join(missing)} not installed (pip install 'tfaccel[{EXTRA}]')"
+        try:
+            caps.openvino_precision(self.inference_precision)
+        except ValueError as exc:
+            return str(exc)
+        return ""
+
     def check(self, source) -> None:
-        require_openvino(f"the {self.name} step")
+        """A missing package is a MissingDependencyError naming the extra; a precision this CPU lacks a PlanError."""
+        from tfaccel.compat import require
+
+        for package in self.packages:
+            require(package, extra=EXTRA, purpose=f"the {self.name} step")
         self.precision()
+        super().check(source)
 
     def params(self) -> dict[str, Any]:
         precision, why = self.precision()
@@ -188,11 +205,10 @@ class OpenVINOInt8Step(_OpenVINOStepBase):
         self.samples = samples
         self.accuracy_control = accuracy_control
 
+    packages = ("openvino", "nncf")
+
     def check(self, source) -> None:
         super().check(source)
-        from tfaccel.compat import require
-
-        require("nncf", extra=EXTRA, purpose="the ov-int8 step")
         if self.accuracy_control:
             if source.eval_labels is None or source.task != "classification":
                 raise PlanError("Step 'ov-int8' with accuracy_control=true needs labelled eval data to judge accuracy "
