@@ -485,7 +485,11 @@ def plain_openvino_row(int8: bool, samples: int = 64) -> RowSpec:
         xml = ctx.work_dir / f"plain-openvino-{'int8' if int8 else 'fp'}" / "model.xml"
         ov.save_model(model, str(xml))
         seconds = time.perf_counter() - t0
-        return Built(load=lambda: _PlainOpenVINO(str(xml)), size_bytes=dir_size(xml.parent), kind="openvino",
+        from tfaccel.core.artifact import output_names_of
+
+        names = output_names_of(ctx.source.model)  # model.export calls a single output "output_0"
+        return Built(load=lambda: _RenamedOutputs(_PlainOpenVINO(str(xml)), names), size_bytes=dir_size(xml.parent),
+                     kind="openvino",
                      path=str(xml.parent), build_seconds=seconds, notes=notes)
 
     name = f"plain OpenVINO {'int8 (nncf.quantize on 64 samples)' if int8 else '(convert_model)'} by hand"
