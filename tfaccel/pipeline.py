@@ -133,6 +133,7 @@ class Pipeline:
             have.add(step.produces)
             if not step.side_artifact:
                 latest_model_kind = step.produces
+        _refuse_quantized_inputs(self.steps, start_index)
         for step in self.steps:  # every step can run here: checked before any work, not after the first stages
             step.check(source)
         steps = list(self.steps)
@@ -345,3 +346,23 @@ class Pipeline:
             note = f"measured on this machine ({warning}): " + ", ".join(ratios)
             stage.notes.append(note)
             self.log(f"  note: {note}")
+
+def _refuse_quantized_inputs(steps: list[Step], start_index: dict[int, int]) -> None:
+    """PlanError for a step that takes only a float SavedModel (``accepts_quantized_input = False``: openvino)
+    when the SavedModel it would start from is a quantizing step's (int8, int4)."""
+    for i, step in enumerate(steps, 1):
+        if getattr(step, "accepts_quantized_input", True) or step.consumes != "saved_model":
+            continue
+        earlier = steps[: i - 1]
+        if i in start_index:
+            quantized = start_index[i] > 0 and steps[start_index[i] - 1].quantized_output
+        else:  # side artifacts start from the latest float SavedModel; the source counts as one (its check)
+            makers = [s for s in earlier if s.produces == "saved_model"]
+            quantized = bool(makers) and all(s.quantized_output for s in makers) and step.side_artifact
+            quantized = quantized or (not step.side_artifact and bool(makers) and makers[-1].quantized_output)
+        if quantized:
+            from_step = steps[start_index[i] - 1].name if i in start_index else makers[-1].name
+            raise PlanError(
+                f"Step {i} '{step.spec}' would convert the SavedModel of '{from_step}', which is quantized: "
+                f"'{step.name}' takes a float SavedModel only (" + getattr(step, "quantized_input_reason", "") +
+                f"). Start it from a float SavedModel (e.g. {step.name}@export) or add 'export' before it.")
