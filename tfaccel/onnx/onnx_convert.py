@@ -126,6 +126,9 @@ class OnnxStep(Step):
             from tfaccel.onnx.ort_fusions import fuse_for_onnxruntime
 
             fused = info["fused"] = fuse_for_onnxruntime(path)
-            ctx.note("onnxruntime transformer fusions: " + (", ".join(f"{k} x{v}" for k, v in fused.items())
-                                                            if fused else "none matched"))
+            counts = {k: v for k, v in fused.items() if k != "skipped"}
+            ctx.note("onnxruntime transformer fusions: " + (", ".join(f"{k} x{v}" for k, v in counts.items())
+                                                            if counts else "none matched"))
+            for library, error in fused.get("skipped", {}).items():
+                ctx.note(f"{library} fusions skipped (they raised on this graph, which is kept unfused): {error}")
         return Artifact(kind="onnx", path=path, input_names=artifact.input_names, info=info)

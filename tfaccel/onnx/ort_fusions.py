@@ -17,13 +17,14 @@ tf2onnx's layer norms (GlobalAveragePool-based, 13 of them) and attention.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 from tfaccel.core.files import atomic_file
 
 
-def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> dict[str, int]:
+def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> dict:
     """onnxscript's ``optimize_for_ort`` (its optimizer folds tf2onnx's shape arithmetic), then onnxruntime's
     transformer fusions (Python fusions only: ``opt_level=0``, no torch), on an ONNX file.
 
@@ -32,7 +33,9 @@ def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.Pat
         output_path: where to write the result (default: replace ``onnx_path``).
 
     Returns:
-        What changed: the fused operators and their counts (e.g. ``{"FastGelu": 6}``) and ``nodes_removed``.
+        What changed: the fused operators and their counts (e.g. ``{"FastGelu": 6}``), ``nodes_removed``, and
+        ``skipped`` (library -> the error) for a library whose fusions raised on this graph (the graph it was
+        given is kept).
 
     Example:
         >>> fuse_for_onnxruntime("model.onnx")  # doctest: +SKIP
@@ -47,12 +50,37 @@ def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.Pat
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # "Model producer not matched"
     before = len(onnx.load(str(onnx_path), load_external_data=False).graph.node)
-    model, counts = optimize_for_ort(ir.load(str(onnx_path)))
-    fused = {k: int(v) for k, v in counts.items() if v}
-    proto = ir.to_proto(model)
-    ort_model = optimizer.optimize_model(proto, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
-    fused.update({k: int(v) for k, v in ort_model.get_fused_operator_statistics().items() if v})
-    fused["nodes_removed"] = before - len(ort_model.model.graph.node)
+    fused: dict = {}
+    skipped: dict[str, str] = {}
+    # Each library's fusions are pattern matchers written for other exporters' graphs; on a graph they were
+    # not written for they can raise (onnxruntime 1.2x's simplified-layer-norm fusion indexes a NodeProto on
+    # Gemma3's tf2onnx graph). A fusion that raises is skipped and named; the graph it was given is kept.
+    proto = onnx.load(str(onnx_path))
+    try:
+        model, counts = optimize_for_ort(ir.load(str(onnx_path)))
+        result = ir.to_proto(model)
+        # onnxscript 0.7's optimizer can write opset-18 attributes into an opset-17 graph (Split num_outputs,
+        # seen on Gemma3's graph): a result the ONNX checker rejects is not kept.
+        onnx.checker.check_model(result)
+        fused.update({k: int(v) for k, v in counts.items() if v})
+        proto = result
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional rewrite keeps the input graph
+        skipped["onnxscript"] = f"{type(exc).__name__}: {exc}"
+    ort_model = None
+    try:
+        # optimize_model edits the proto it is given in place: give it a copy, so a failure keeps the input.
+        ort_model = optimizer.optimize_model(copy.deepcopy(proto), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        onnx.checker.check_model(ort_model.model)
+        fused.update({k: int(v) for k, v in ort_model.get_fused_operator_statistics().items() if v})
+        proto = ort_model.model
+    except Exception as exc:  # noqa: BLE001 - as above
+        skipped["onnxruntime"] = f"{type(exc).__name__}: {exc}"
+    fused["nodes_removed"] = before - len(proto.graph.node)
+    if skipped:
+        fused["skipped"] = skipped
     with atomic_file(Path(output_path or onnx_path)) as tmp:
-        ort_model.save_model_to_file(str(tmp))
+        if ort_model is not None:
+            ort_model.save_model_to_file(str(tmp))
+        else:
+            onnx.save(proto, str(tmp))
     return fused
