@@ -20,13 +20,13 @@ from pathlib import Path
 
 from tfaccel.core.artifact import Artifact, kind_name
 from tfaccel.core.files import StagedOutput, link_tree
-from tfaccel.core.measure import PeakRSS
+from tfaccel.core.measure import PeakRSS, check_shapes, check_shapes_fit
 from tfaccel.core.report import Report, StageResult
 from tfaccel.core.source import ModelSource
 from tfaccel.core.step import Step, StepContext
 from tfaccel.core.timer import time_runner
 from tfaccel.core.validation import BREACH_POLICIES, classification_accuracy, compare_outputs
-from tfaccel.errors import PlanError, StepError, TfaccelError, ValidationError
+from tfaccel.errors import ArgumentError, PlanError, StepError, TfaccelError, ValidationError
 from tfaccel.steps import get_step, producers_of, step_from_spec
 
 
@@ -57,7 +57,9 @@ class Pipeline:
       starts from the latest *float* SavedModel: one not from a quantizing step (``int8``, ``int4``),
       so ``export,onnx,ort-int8,int8,litert-dynamic`` converts export's SavedModel, not the int8 one.
       Only when no float SavedModel exists does it take the latest (quantized) one; write
-      ``onnx@int8`` to convert the int8 SavedModel on purpose.
+      ``litert-dynamic@int4`` to convert the int4 SavedModel on purpose. A conversion handed a
+      quantized SavedModel it cannot convert (``Step.takes_quantized``: ``onnx`` converts neither
+      ``int8``'s nor ``int4``'s, ``litert-dynamic`` not ``int8``'s) is a PlanError before any work.
 
     Every stage in the report records its ``parent`` (the stage index it started from; report.md
     draws the tree).
@@ -71,6 +73,12 @@ class Pipeline:
         log: callable receiving progress lines (default: stderr).
         footprints: with ``measure``, also load every SavedModel stage (and a ``model.export`` of the
             reference) in a fresh process for its resident memory: one child process each.
+        memory_check: with ``measure``, refuse before any work a shape whose estimated memory exceeds
+            what this machine has available (:func:`tfaccel.core.measure.check_shapes_fit`; the CLI's
+            ``--skip-memory-check`` turns it off).
+
+    Raises:
+        ArgumentError: an argument of the wrong type or value (the message gives an example).
 
     Example:
         >>> from tfaccel import Pipeline, load_source
@@ -88,19 +96,33 @@ class Pipeline:
         max_seconds_per_shape: float = 60.0,
         log: Callable[[str], None] | None = None,
         footprints: bool = True,
+        memory_check: bool = True,
     ):
         if on_breach not in BREACH_POLICIES:
-            raise ValueError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
+            raise ArgumentError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
+        if isinstance(steps, (str, Step)) or not isinstance(steps, (list, tuple)):
+            example = f"[{steps!r}]" if isinstance(steps, str) and "," not in steps else "['export', 'xla']"
+            raise ArgumentError(f"steps is a list of step names or Step objects, e.g. steps={example}. "
+                                f"Received: steps={steps!r}")
         if not steps:
             raise PlanError("No steps given. Pass at least one step, e.g. steps=['export'].")
+        bad = [s for s in steps if not isinstance(s, (str, Step))]
+        if bad:
+            raise ArgumentError(f"Each of steps is a step name (see tfaccel.available_steps()) or a Step object, e.g. "
+                                f"steps=['export', 'xla']. Received: {bad[0]!r} ({type(bad[0]).__name__})")
         self.steps = [step_from_spec(s) if isinstance(s, str) else s for s in steps]
-        self.shapes = [tuple(s) for s in shapes]
+        self.shapes = check_shapes(shapes)
+        for name, value, low in (("runs", runs, 3), ("warmup", warmup, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ArgumentError(f"{name} is an int >= {low}{' (a median needs a few calls)' if low else ''}, "
+                                    f"e.g. {name}={20 if low else 3}. Received: {name}={value!r}")
         self.runs, self.warmup = runs, warmup
         self.on_breach = on_breach
         self.measure = measure
         self.max_seconds_per_shape = max_seconds_per_shape
         self.log = log or _default_log
         self.footprints = footprints
+        self.memory_check = memory_check
 
     # ----------------------------------------------------------------------------------------------
     def plan(self, source: ModelSource) -> list[Step]:
@@ -115,10 +137,33 @@ class Pipeline:
                     f"Cannot measure at {batch}x{seq}: the model's maximum sequence length is {limit}. "
                     f"Use a sequence length of at most {limit} (--shape {batch}x{limit})."
                 )
+        if self.measure and self.memory_check:
+            check_shapes_fit(source, self.shapes)
         have = {source.kind}
         latest_model_kind = source.kind
         start_index = self.start_indices(source)
+        # Which step last gave a SavedModel, and whether a float one exists: a conversion (onnx,
+        # litert-dynamic) without @ takes the latest float SavedModel, else the latest quantized one.
+        latest_sm: tuple[int, Step] | None = None
+        float_sm = source.kind == "saved_model"
         for i, step in enumerate(self.steps, 1):
+            if step.consumes == "saved_model" and step.takes_quantized is not None:
+                if i in start_index:  # STEP@FROM: that stage's artifact
+                    j = start_index[i]
+                    maker = self.steps[j - 1] if j else None
+                elif step.side_artifact and not float_sm and latest_sm is not None:
+                    j, maker = latest_sm  # no float SavedModel before it: the latest, quantized one
+                else:
+                    maker = None
+                if maker is not None and maker.quantized_output and maker.name not in step.takes_quantized:
+                    raise PlanError(
+                        f"Step {i} '{step.spec}' would convert the quantized SavedModel of step {j} '{maker.name}', "
+                        f"which '{step.name}' cannot convert. Convert a float SavedModel instead: add 'export' "
+                        f"before '{maker.name}' (e.g. --steps export,{maker.name},{step.name}), and '{step.name}' "
+                        "takes it.")
+            if step.produces == "saved_model":
+                latest_sm = (i, step)
+                float_sm = float_sm or not step.quantized_output
             if i not in start_index and step.consumes not in have:  # STEP@FROM was checked by start_indices
                 fix = {"saved_model": "add 'export' before it", "onnx": "add 'onnx' before it",
                        "keras": "start from a Keras model (.keras file, preset folder or example name)"}
@@ -175,8 +220,17 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------------
     def run(self, source: ModelSource, out_dir: str | os.PathLike, overwrite: bool = False) -> Report:
         """Run every step and write OUT. OUT appears (or replaces an old one, with ``overwrite``)
-        only if the whole run succeeds; a failed run leaves no partial output."""
-        staged = StagedOutput(out_dir, overwrite=overwrite, protect=[source.path])
+        only if the whole run succeeds; a failed run leaves no partial output.
+
+        Raises:
+            ArgumentError: ``source`` is not a ModelSource.
+            OutputError: ``out_dir`` cannot be written or replaced (checked before any work).
+            PlanError: the steps cannot run on this source (checked before any work).
+        """
+        if not isinstance(source, ModelSource):
+            raise ArgumentError(f"source is a ModelSource, e.g. Pipeline(['export']).run(tfaccel.load_source("
+                                f"'bert-tiny'), 'out'). Received: source={source!r} ({type(source).__name__})")
+        staged = StagedOutput(out_dir, overwrite=overwrite, protect=[source.path], option="out_dir")
         staged.check()  # before the plan and any work
         steps = self.plan(source)
         with staged:
@@ -252,7 +306,9 @@ class Pipeline:
             except TfaccelError:
                 raise
             except Exception as exc:
-                raise StepError(f"Step '{step.name}' failed: {type(exc).__name__}: {exc}") from exc
+                err = StepError(f"Step '{step.name}' failed: {type(exc).__name__}: {exc}")
+                err.unexpected = True
+                raise err from exc
             seconds = time.perf_counter() - t0
             final_dir = work / "stages" / stage_name
             os.replace(partial, final_dir)

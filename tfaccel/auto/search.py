@@ -45,11 +45,13 @@ from tfaccel.auto.recipes import (
     step_key,
 )
 from tfaccel.core.artifact import Artifact, kind_name
+from tfaccel.core.eval_data import load_data_file
 from tfaccel.core.files import StagedOutput, link_tree
+from tfaccel.core.measure import check_shapes, check_shapes_fit
 from tfaccel.core.source import ModelSource
 from tfaccel.core.timer import InterleavedTiming, time_interleaved
 from tfaccel.core.validation import Tolerance, classification_accuracy, compare_outputs
-from tfaccel.errors import PlanError, TfaccelError, ValidationError
+from tfaccel.errors import DataFileError, PlanError, TfaccelError, ValidationError
 
 #: The default time budget of a run, in seconds: building, validating and timing all candidates
 #: (model loading before it and the final write after it take seconds more). Candidates that would
@@ -88,18 +90,13 @@ def _check_options(max_accuracy_drop, shapes, formats, time_budget_s, runs, warm
                         f"Received: max_accuracy_drop={max_accuracy_drop!r}")
     if formats not in FORMAT_CHOICES:
         raise PlanError(f"formats must be one of {FORMAT_CHOICES}. Received: formats={formats!r}")
-    if time_budget_s is not None and (not isinstance(time_budget_s, (int, float)) or time_budget_s < 0):
+    if time_budget_s is not None and (not isinstance(time_budget_s, (int, float)) or not time_budget_s >= 0):
         raise PlanError(f"time_budget_s must be seconds >= 0 or None. Received: time_budget_s={time_budget_s!r}")
     if not isinstance(runs, int) or runs < 3:
         raise PlanError(f"runs must be an int >= 3 (a median needs a few calls). Received: runs={runs!r}")
     if not isinstance(warmup, int) or warmup < 1:
         raise PlanError(f"warmup must be an int >= 1 (the first call traces/compiles). Received: warmup={warmup!r}")
-    out = []
-    for s in shapes:
-        if len(tuple(s)) != 2 or not all(isinstance(v, int) and v >= 1 for v in s):
-            raise PlanError(f"shapes are (batch, sequence length) pairs of positive ints. Received: {s!r}")
-        out.append((int(s[0]), int(s[1])))
-    return out
+    return check_shapes(shapes)
 
 
 class _Builder:
@@ -183,6 +180,7 @@ def optimize_auto(
     max_seconds_per_shape: float = 30.0,
     overwrite: bool = False,
     keep_candidates: bool = False,
+    memory_check: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> AutoReport:
     """Find the fastest validated SavedModel for this model, machine and accuracy budget.
@@ -225,6 +223,8 @@ def optimize_auto(
             (see :data:`STOP_SLOWER_MARGIN`) stops after 5 timed calls; the baseline is always timed fully.
         overwrite: replace an existing ``out`` (only when the new run succeeded).
         keep_candidates: also keep every candidate's artifacts under ``OUT/candidates``.
+        memory_check: refuse before any work a shape whose estimated memory exceeds what this machine
+            has available (:func:`tfaccel.core.measure.check_shapes_fit`).
         log: callable receiving progress lines (default: stderr).
 
     Returns:
@@ -250,8 +250,12 @@ def optimize_auto(
                                                                                            progress=log)
     shapes = _check_options(max_accuracy_drop, shapes or [(1, source.default_seq)], formats, time_budget_s,
                             runs, warmup)
-    staged = StagedOutput(out, overwrite=overwrite, protect=[source.path])
+    staged = StagedOutput(out, overwrite=overwrite, protect=[source.path], option="out")
     staged.check()
+    if memory_check:
+        check_shapes_fit(source, shapes)
+    if isinstance(finetune_data, (str, os.PathLike)):  # the user's file: checked now, not by failed candidates
+        load_data_file(finetune_data, source, what="fine-tuning data (--train-data)", labels="optional")
     if source.kind not in ("keras", "saved_model"):
         raise PlanError(f"--auto needs a Keras model (a .keras file, a preset folder or an example name) or a "
                         f"SavedModel; {source.name} is a {kind_name(source.kind)}.")
@@ -297,6 +301,8 @@ def optimize_auto(
             made = made[1:]
         try:
             steps = Pipeline(made, shapes=shapes, measure=False, log=lambda _m: None).plan(source)
+        except DataFileError:  # the user's data file, not this machine: stop before any work
+            raise
         except TfaccelError as exc:
             cand.status, cand.reason = NOT_A_CANDIDATE, f"cannot run here: {str(exc).splitlines()[0]}"
             continue
