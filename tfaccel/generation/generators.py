@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from tfaccel.core.artifact import register_kind
+from tfaccel.core.files import read_json_file
 from tfaccel.errors import InputMismatchError, SourceError
 from tfaccel.generation.greedy_loop import GenerationResult, greedy_generate
 from tfaccel.generation.prompts import prepare_prompts
@@ -39,6 +39,10 @@ class Generator:
         """Greedy tokens after each prompt (see :func:`tfaccel.generation.generate`)."""
         if not isinstance(stop_token_id, (int, np.integer)) or isinstance(stop_token_id, bool):
             raise InputMismatchError(f"stop_token_id must be an int (-1: none). Received: stop_token_id={stop_token_id!r}")
+        vocab = self.vocabulary_size
+        if stop_token_id < -1 or (vocab is not None and stop_token_id >= vocab):
+            raise InputMismatchError(f"The stop token id {stop_token_id} is outside the model's vocabulary "
+                                     f"[0, {vocab if vocab is not None else '...'}) (-1: never stop).")
         ids, mask = prepare_prompts(prompt_ids, padding_mask, vocabulary_size=self.vocabulary_size,
                                     max_length=self.max_length, max_new_tokens=max_new_tokens)
         return self._generate(ids, mask, int(max_new_tokens), int(stop_token_id))
@@ -62,6 +66,12 @@ class SavedModelGenerator(Generator):
             raise SourceError(f"The SavedModel {self.path} has no generate_greedy signature (it has "
                               f"{sorted(self._loaded.signatures)}). Write one with the 'generate' step.")
         self._fn = self._loaded.signatures["generate_greedy"]
+        from tfaccel.xla.generate_export import GENERATE_INFO_FILE
+
+        info_file = Path(self.path) / GENERATE_INFO_FILE  # the export's limits (exports before it: unknown)
+        if info_file.is_file():
+            info = read_json_file(info_file, "the generate export's limits")
+            self.vocabulary_size = info.get("vocabulary_size")
 
     def _generate(self, ids, mask, max_new_tokens, stop_token_id):
         tf = self._tf
@@ -74,6 +84,10 @@ class SavedModelGenerator(Generator):
                 raise InputMismatchError(
                     f"The prompt ({ids.shape[1]} tokens) is longer than the largest prompt bucket of {self.path}. "
                     "Shorten it, or rebuild with a larger bucket (--set generate.prompt_buckets=...).") from exc
+            # the export's vocabulary assertions, or an embedding lookup out of range in older exports
+            if "(the vocabulary)" in str(exc) or "stop_token_id must be" in str(exc) or "is not in [0, " in str(exc):
+                raise InputMismatchError(f"A token id is outside the vocabulary of {self.path}: "
+                                         f"{str(exc).strip().splitlines()[0]}. Give ids from the model's tokenizer.") from exc
             raise
         tokens, lengths = out["token_ids"].numpy(), out["lengths"].numpy()
         if tokens.shape[1] < ids.shape[1] + max_new_tokens:
@@ -254,7 +268,7 @@ def artifact_kind(path: str | os.PathLike) -> str:
     if p.is_file() and p.name in (LAYOUT_FILE, "decoder.onnx", TRT_DECODER_FILE):
         p = p.parent
     if (p / LAYOUT_FILE).is_file():
-        info = json.loads((p / LAYOUT_FILE).read_text())
+        info = read_json_file(p / LAYOUT_FILE, "the decoder layout")
         if (p / TRT_DECODER_FILE).is_file():
             return "tensorrt_decoder"
         if (p / info.get("onnx_file", "decoder.onnx")).is_file():

@@ -52,8 +52,9 @@ def prepare_prompts(prompt_ids, padding_mask=None, *, vocabulary_size: int | Non
     real = ids[mask > 0]
     if real.min() < 0 or (vocabulary_size is not None and real.max() >= vocabulary_size):
         bad = int(real.min()) if real.min() < 0 else int(real.max())
-        raise InputMismatchError(f"Token id {bad} is outside the model's vocabulary [0, {vocabulary_size}). "
-                                 "Give ids from the model's tokenizer.")
+        where = f"the model's vocabulary [0, {vocabulary_size})" if vocabulary_size is not None else \
+            "the vocabulary (token ids are >= 0)"
+        raise InputMismatchError(f"Token id {bad} is outside {where}. Give ids from the model's tokenizer.")
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise InputMismatchError(f"max_new_tokens must be an int >= 0. Received: max_new_tokens={max_new_tokens!r}")
     if max_length is not None and ids.shape[1] + max_new_tokens > max_length:
