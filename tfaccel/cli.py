@@ -299,8 +299,7 @@ def cmd_bench(args) -> int:
     else:
         _load_tensorflow_quietly(args.verbose)
         source = load_source(target, task=args.task, num_classes=args.num_classes, progress=_log)
-        artifact = Artifact(kind=source.kind, path=source.path if source.kind != "keras" else None,
-                            model=source.model, dict_inputs=source.dict_inputs)
+        artifact = Artifact.of_source(source)
         runner = None
     shapes = _parse_shapes(args.shape) or [(1, source.default_seq)]
     if not args.skip_memory_check:
