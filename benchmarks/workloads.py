@@ -330,11 +330,11 @@ def build_auto(ctx: BuildContext) -> Built:
     memory is gone before the other rows load) and serve the SavedModel it keeps. The row's build time is
     the wall time of the whole CLI run, model loading included."""
     import json
-    import subprocess
     import sys
 
     from tfaccel.core.artifact import SavedModelRunner
     from tfaccel.core.files import dir_size
+    from tfaccel.core.processes import run_child
 
     out = ctx.work_dir / "auto-out"
     batch, seq = ctx.shapes[0]
@@ -343,7 +343,7 @@ def build_auto(ctx: BuildContext) -> Built:
            "--overwrite"]
     ctx.log("  " + " ".join(cmd[1:]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_child(cmd, capture_output=True, text=True)  # dies with the benchmark
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"tfaccel optimize --auto exited {proc.returncode}: {proc.stderr.strip()[-600:]}")

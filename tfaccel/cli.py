@@ -63,9 +63,9 @@ def _load_tensorflow_quietly(verbose: bool) -> None:
             os.close(saved)
             capture.seek(0)
             text = capture.read().decode("utf-8", errors="replace")
-    kept = [ln for ln in text.splitlines() if ln.strip() and not _NATIVE_LOG_LINE.match(ln)]
-    if kept:
-        print("\n".join(kept), file=sys.stderr, flush=True)
+            kept = [ln for ln in text.splitlines() if ln.strip() and not _NATIVE_LOG_LINE.match(ln)]
+            if kept:  # anything else TensorFlow said (a warning, an import error's output) is passed on
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 class UsageError(ValueError):

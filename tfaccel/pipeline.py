@@ -113,9 +113,9 @@ class Pipeline:
                                 f"steps=['export', 'xla']. Received: {bad[0]!r} ({type(bad[0]).__name__})")
         self.steps = [step_from_spec(s) if isinstance(s, str) else s for s in steps]
         self.shapes = check_shapes(shapes)
-        for name, value, low in (("runs", runs, 3), ("warmup", warmup, 0)):
+        for name, value, low in (("runs", runs, 3 if measure else 1), ("warmup", warmup, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ArgumentError(f"{name} is an int >= {low}{' (a median needs a few calls)' if low else ''}, "
+                raise ArgumentError(f"{name} is an int >= {low}{' (a median needs a few calls)' if low == 3 else ''}, "
                                     f"e.g. {name}={20 if low else 3}. Received: {name}={value!r}")
         self.runs, self.warmup = runs, warmup
         self.on_breach = on_breach

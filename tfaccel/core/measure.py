@@ -192,7 +192,7 @@ def check_shapes_fit(source, shapes, *, option: str = "--skip-memory-check",
             raise PlanError(
                 f"Shape {batch}x{seq} needs about {_gb(need)} of memory for one call (estimated from the model's "
                 f"sizes), and this machine has {_gb(have)} available. Use a smaller batch or sequence length "
-                f"(--shape), or pass {option} to try anyway.")
+                f"(--shape), or pass {option} (memory_check=False in Python) to try anyway.")
 
 
 def _gb(n: int) -> str:

@@ -147,6 +147,7 @@ class StructuredPruneStep(Step):
         file that cannot be used: both before any step runs."""
         from tfaccel.pruning.structured_pruning import attention_heads, feedforward_layers
 
+        super().check(source)
         if source.kind != "keras" or source.model is None:
             raise StepError(f"prune-structured needs a Keras model; {source.name} is a {source.kind}.")
         feedforward_layers(source.model)
