@@ -99,12 +99,12 @@ def _check_files_exist(args) -> None:
             raise UsageError(f"{flag} {value!r} {what}. Give the path of the data file.")
 
 
-def _check_out(args, source_path: str | None = None) -> None:
-    """--out can be written (or replaced with --overwrite), checked before the model is loaded."""
+def _check_out(args) -> None:
+    """--out can be written (or replaced with --overwrite, never over the model), checked before the model
+    is loaded; Pipeline.run / optimize_auto check it again once the model's own path is known."""
     from tfaccel.core.files import StagedOutput
 
-    model = getattr(args, "model", None)
-    protect = [p for p in (source_path, model) if p and os.path.exists(p)]
+    protect = [args.model] if os.path.exists(args.model) else []
     StagedOutput(args.out, overwrite=args.overwrite, protect=protect).check()
 
 
@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args) -> int:
     from tfaccel.generation import load_generator
-    from tfaccel.generation.generators import artifact_kind
-    from tfaccel.generation.prompts import parse_prompt_ids
+    from tfaccel.generation.generators import artifact_kind, vocabulary_size_of
+    from tfaccel.generation.prompts import check_stop_token_id, parse_prompt_ids, prepare_prompts
 
     _check_count(args, "--max-new-tokens", 1)
     _check_count(args, "--stop-token-id", -1, " (-1: never stop)")
@@ -456,8 +456,13 @@ def cmd_generate(args) -> int:
     if args.spin:
         options["spinning"] = True
     if options and artifact_kind(args.artifact) != "onnx_decoder":
-        raise UsageError(f"{', '.join(f for f, k in (('--threads', 'intra_op_threads'), ('--spin', 'spinning')) if k in options)} "
-                         f"only apply to ONNX decoders; {args.artifact} is a {artifact_kind(args.artifact)}.")
+        flags = [f for f, k in (("--threads", "intra_op_threads"), ("--spin", "spinning")) if k in options]
+        raise UsageError(f"{' and '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} only to ONNX decoders "
+                         f"(onnxruntime's threads); {args.artifact} is a {artifact_kind(args.artifact)}. Drop "
+                         f"{'it' if len(flags) == 1 else 'them'}.")
+    vocab = vocabulary_size_of(args.artifact)  # token ids checked before the artifact is loaded
+    prepare_prompts(prompts, vocabulary_size=vocab, max_new_tokens=args.max_new_tokens)
+    check_stop_token_id(args.stop_token_id, vocab)
     if artifact_kind(args.artifact) == "saved_model":
         _load_tensorflow_quietly(args.verbose)
     gen = load_generator(args.artifact, **options)

@@ -96,12 +96,16 @@ def _hold_lock(folder: Path) -> int | None:
         import fcntl
     except ImportError:  # not on Windows
         return None
-    fd = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    # Locked under another name first, then renamed: a sweeper never sees an unlocked LOCK of a live run.
+    tmp = folder / f"{LOCK}.{os.getpid()}"
+    fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError:  # no locks here: without the file, a sweeper goes by the pid in the folder's name
         os.close(fd)
+        tmp.unlink(missing_ok=True)
         return None
+    os.replace(tmp, folder / LOCK)
     return fd
 
 
@@ -283,13 +287,14 @@ class StagedOutput:
         real = Path(os.path.realpath(out))
         cwd = Path(os.getcwd()).resolve()
         if _is_within(cwd, real):
+            example = f"{opt} ./out" if opt.startswith("--") else f"{opt}='out'"
             raise OutputError(f"{what} {str(out)!r} is the current folder or one of its parents; tfaccel never "
-                              f"replaces it. Choose a new folder for {opt}, e.g. {opt} ./out.")
+                              f"replaces it. Choose a new folder for {opt}, e.g. {example}.")
         for p in self.protect:
             rp = Path(os.path.realpath(p))
             if _is_within(rp, real) or _is_within(real, rp):
-                raise OutputError(f"{what} {str(out)!r} is or holds the model source {str(p)!r}; tfaccel never "
-                                  f"writes over its input. Choose another folder for {opt}.")
+                raise OutputError(f"{what} {str(out)!r} is, holds or is inside the model source {str(p)!r}; tfaccel "
+                                  f"never writes over its input. Choose another folder for {opt}.")
         if out.is_symlink() or out.exists():
             if not out.is_dir() or out.is_symlink():
                 raise OutputError(f"{what} {str(out)!r} exists and is {'a link' if out.is_symlink() else 'a file'}"

@@ -65,6 +65,19 @@ def prepare_prompts(prompt_ids, padding_mask=None, *, vocabulary_size: int | Non
     return ids.astype(np.int32), mask
 
 
+def check_stop_token_id(stop_token_id, vocabulary_size: int | None) -> None:
+    """Raise InputMismatchError unless ``stop_token_id`` is -1 (never stop) or an id of the vocabulary.
+
+    Example:
+        >>> check_stop_token_id(-1, 300)
+    """
+    if not isinstance(stop_token_id, (int, np.integer)) or isinstance(stop_token_id, bool):
+        raise InputMismatchError(f"stop_token_id must be an int (-1: none). Received: stop_token_id={stop_token_id!r}")
+    if stop_token_id < -1 or (vocabulary_size is not None and stop_token_id >= vocabulary_size):
+        raise InputMismatchError(f"The stop token id {stop_token_id} is outside the model's vocabulary "
+                                 f"[0, {vocabulary_size if vocabulary_size is not None else '...'}) (-1: never stop).")
+
+
 def _as_int(a: np.ndarray, name: str = "prompt_ids") -> np.ndarray:
     if a.dtype == np.bool_ and name == "padding_mask":
         return a.astype(np.int32)
