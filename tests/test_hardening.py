@@ -348,6 +348,25 @@ def test_bad_cli_invocations_get_one_line_and_the_right_exit_code(bad_inputs):
     assert not (bad_inputs / "out").exists()
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A real full disk (a 2 MB tmpfs with 100 KB free; bert-tiny's SavedModel needs 500 KB): TensorFlow's own
+    write fails inside the export step. Needs root and a mountable tmpfs; skipped otherwise."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root in a container that allows mount")
+    try:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - 100_000))
+        proc = cli("optimize", "bert-tiny", "--steps", "export", "--out", disk / "out", "--no-measure", cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("tfaccel: error: the disk is full under"), proc.stderr
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no partial folder, no log file
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_unexpected_errors_name_the_traceback_log_and_exit_1(tmp_path):
     crash = ("import sys, tfaccel.cli as cli\n"
              "def crash(args):\n    return {}['no such key']\n"

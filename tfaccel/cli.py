@@ -497,18 +497,35 @@ def _is_user_error(exc: BaseException) -> bool:
 
     from tfaccel.errors import StepError, TfaccelError
 
+    if _disk_full(exc):
+        return True
     if isinstance(exc, StepError) and exc.unexpected:
         return False
     if isinstance(exc, (TfaccelError, UsageError)):
         return True
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return True
     return isinstance(exc, (ValueError, TypeError, FileNotFoundError)) and _from_tfaccel_checks(exc)
 
 
-def _one_line(exc: BaseException) -> str:
+def _disk_full(exc: BaseException) -> bool:
+    """No space left (or the quota reached) while writing: from Python (errno) or from TensorFlow's own file
+    writes inside a step (its errors carry the OS message, not an errno)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(m in str(exc) for m in ("No space left on device", "Disk quota exceeded"))
+
+
+def _one_line(exc: BaseException, args) -> str:
+    out = getattr(args, "out", None)
+    if _disk_full(exc):
+        return (f"the disk is full{f' under {out!r}' if out else ''} (no space left on device); nothing half-written "
+                f"was left{' and --out is as it was' if out else ''}. Free some space"
+                + (" or choose another --out." if out else "."))
     if isinstance(exc, OSError) and exc.strerror:
-        where = f" {exc.filename!s}" if exc.filename else ""
+        where = f" {exc.filename!s}" if exc.filename else (f" under {out!r}" if out else "")
         return f"cannot write{where}: {exc.strerror.lower()}"
     text = str(exc).strip()
     return text if text else type(exc).__name__
@@ -566,7 +583,7 @@ def main(argv=None) -> int:
 
                 traceback.print_exc()
             if _is_user_error(exc):
-                print(f"tfaccel: error: {_one_line(exc)}", file=sys.stderr)
+                print(f"tfaccel: error: {_one_line(exc, args)}", file=sys.stderr)
                 return EXIT_USER_ERROR
             log = _traceback_log(exc, argv, getattr(args, "out", None))
             if log is None and not args.verbose:
