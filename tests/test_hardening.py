@@ -445,3 +445,13 @@ def test_generate_savedmodel_records_its_vocabulary_and_checks_ids(bad_inputs):
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"token ids must be in \[0, 300\)"):
         fn(token_ids=tf.constant([[1, 300]]), padding_mask=tf.constant([[1, 1]]), max_new_tokens=tf.constant(2),
            stop_token_id=tf.constant(-1))
+
+
+def test_report_json_is_strict_json():
+    from tfaccel.core.report import report_json
+
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    text = report_json({"cosine": float("nan"), "ms": [1.5, float("inf")], "n": np.float32(2.0)})
+    assert json.loads(text, parse_constant=refuse) == {"cosine": None, "ms": [1.5, None], "n": 2.0}
