@@ -295,9 +295,10 @@ def bad_inputs(tmp_path_factory, gpt2_tiny):
 
 # (args, exit code, text the one line holds); R is the bad_inputs folder, O an output path in it.
 BAD_INVOCATIONS = [
-    (["optimize", "bert-tiny", "--steps", "export", "--out", "O", "--runs", "0"], 2, "--runs must be at least 3"),
-    (["optimize", "bert-tiny", "--steps", "export", "--out", "O", "--runs", "-1"], 2, "--runs must be at least 3"),
-    (["bench", "bert-tiny", "--runs", "0"], 2, "--runs must be at least 3"),
+    (["optimize", "bert-tiny", "--steps", "export", "--out", "O", "--runs", "0"], 2, "--runs must be at least 1"),
+    (["optimize", "bert-tiny", "--steps", "export", "--out", "O", "--runs", "-1"], 2, "--runs must be at least 1"),
+    (["bench", "bert-tiny", "--runs", "0"], 2, "--runs must be at least 1"),
+    (["optimize", "bert-tiny", "--auto", "--out", "O", "--runs", "2"], 2, "--runs must be at least 3"),
     (["optimize", "bert-tiny", "--auto", "--out", "O", "--time-budget", "nan"], 2, "--time-budget must be a number"),
     (["optimize", "bert-tiny", "--auto", "--out", "O", "--time-budget", "-5"], 2, "--time-budget must be a number"),
     (["optimize", "bert-tiny", "--steps", "export", "--out", "O", "--warmup", "-1"], 2, "--warmup must be at least 0"),
@@ -318,7 +319,7 @@ BAD_INVOCATIONS = [
     (["optimize", "bert-tiny", "--steps", "export", "--out", "R/afile/out"], 2, "is a file, not a folder"),
     (["optimize", "bert-tiny", "--steps", "export", "--out", "O", "--shape", "100000000x16"], 2,
      "--skip-memory-check"),
-    (["optimize", "bert-tiny", "--steps", "int4,onnx", "--out", "O"], 2, "add 'export' before 'int4'"),
+    (["optimize", "bert-tiny", "--steps", "int4,onnx", "--out", "O"], 2, "Add 'export' before 'int4'"),
     (["optimize", "bert-tiny", "--steps", "export,xla,prune-structured", "--train-data", "R/bad.npz", "--out", "O"], 2,
      "bad.npz"),
     (["optimize", "bert-tiny", "--auto", "--train-data", "R/bad.npz", "--out", "O"], 2, "bad.npz"),
@@ -411,7 +412,7 @@ def test_python_api_checks_argument_types(bert_tiny, tmp_path):
         (lambda: Pipeline(["export"], shapes=(1, 64)), r"for one shape write shapes=\[\(1, 64\)\]"),
         (lambda: Pipeline(["export"], shapes="1x128"), r"shapes=\[\(1, 128\)\].*a string; the CLI's --shape"),
         (lambda: Pipeline(["export"], shapes=[(1, 0)]), r"pair of positive ints"),
-        (lambda: Pipeline(["export"], runs=1), r"runs is an int >= 3"),
+        (lambda: Pipeline(["export"], runs=0), r"runs is an int >= 1"),
         (lambda: Pipeline([3]), r"Received: 3 \(int\)"),
         (lambda: Pipeline(["export"]).run("bert-tiny", tmp_path / "o"), r"source is a ModelSource, e.g."),
         (lambda: load_source(123), r"model is a built-in example name, a path or a keras.Model"),

@@ -173,7 +173,7 @@ def test_savedmodel_only_source_through_xla(tmp_path):
 
 
 def test_report_compares_size_and_memory_with_model_export(bert_tiny, tmp_path):
-    report = Pipeline(["export"], shapes=[(1, 8)], runs=3, warmup=1, log=lambda m: None).run(
+    report = Pipeline(["export"], shapes=[(1, 8)], runs=2, warmup=1, log=lambda m: None).run(
         bert_tiny, tmp_path / "out")
     base, st = report.model_export, report.stage("export")
     assert base["stored_values"] >= 2 * bert_tiny.model.count_params()

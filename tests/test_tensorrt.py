@@ -35,7 +35,7 @@ from tfaccel.tensorrt import (
 from tfaccel.tensorrt.onnx_precision import activation_matmuls, qdq_check_runner
 from tfaccel.tensorrt.shape_profiles import profile_input_shapes
 
-FAST = {"shapes": [(1, 16)], "runs": 3, "warmup": 1, "footprints": False}
+FAST = {"shapes": [(1, 16)], "runs": 2, "warmup": 1, "footprints": False}
 
 # API surfaces of the real TensorRT Python bindings, read from the enum names compiled into
 # tensorrt_bindings/tensorrt.so of the PyPI wheels tensorrt_cu12_bindings-10.16.1.11 and

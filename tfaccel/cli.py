@@ -154,7 +154,7 @@ def _parse_step_options(values):
 
 
 #: Steps whose int8 calibration reads --calibration-data.
-_CALIBRATING_STEPS = ("tftrt", "tensorrt")
+_CALIBRATING_STEPS = ("tftrt", "tensorrt", "ov-int8")
 
 
 def _data_options(args, names: list[str], options: dict[str, dict]) -> str | None:
@@ -207,7 +207,7 @@ def _check_optimize_args(args) -> None:
         given = [flag for key, flag in _AUTO_ONLY.items() if getattr(args, key) is not None]
         _require(not given, f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --auto; "
                             "--steps runs use each step's own tolerance.")
-        _check_count(args, "--runs", 3, " (a median needs a few calls)")
+        _check_count(args, "--runs", 1)
         _check_count(args, "--warmup", 0)
     _check_count(args, "--num-classes", 1)
     _parse_shapes(args.shape)
@@ -279,12 +279,21 @@ def cmd_bench(args) -> int:
     from tfaccel.core.timer import time_runner
     from tfaccel.sources import load_source
 
-    _check_count(args, "--runs", 3, " (a median needs a few calls)")
+    _check_count(args, "--runs", 1)
     _check_count(args, "--warmup", 0)
     _check_count(args, "--num-classes", 1)
     _parse_shapes(args.shape)
     target = args.model
-    if isinstance(target, str) and target.endswith(".onnx"):
+    from tfaccel.openvino.ir import is_ir
+
+    if isinstance(target, str) and is_ir(target):
+        artifact = Artifact(kind="openvino", path=target)
+        runner = artifact.runner()
+        from tfaccel.sources import InputSpec, ModelSource
+
+        specs = [InputSpec(name, "int32", (None, None)) for name in runner.input_types]
+        source = ModelSource(name=target, kind="openvino", input_specs=specs, sample_inputs={}, vocab_size=100)
+    elif isinstance(target, str) and target.endswith(".onnx"):
         from tfaccel.errors import SourceError
 
         if not os.path.isfile(target):
@@ -326,8 +335,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve_check(args) -> int:
+    from tfaccel.openvino.ir import is_ir
     from tfaccel.servable import check_servable
 
+    if is_ir(args.saved_model):
+        from tfaccel.openvino.serve import check_openvino_servable
+
+        result = check_openvino_servable(args.saved_model)
+        shapes = {k: v.shape for k, v in result["outputs"].items()}
+        print(f"OK: {args.saved_model} compiles and runs with OpenVINO alone in a fresh process (no tfaccel, no "
+              f"TensorFlow; {result['config']['INFERENCE_PRECISION_HINT']}) and agrees with tfaccel; outputs {shapes}")
+        return 0
     result = check_servable(args.saved_model)
     shapes = {k: v.shape for k, v in result["outputs"].items()}
     print(f"OK: {args.saved_model} loads and runs without tfaccel (tf.saved_model.load in a fresh process and "
@@ -395,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your labelled texts ('text', 'label'), tokenized with the model's tokenizer (preset / "
                         "Hugging Face folder); used like --eval-data")
     o.add_argument("--calibration-data", metavar="FILE",
-                   help="int8 calibration data for tftrt / tensorrt (.npz of inputs, or .csv / .jsonl texts)")
+                   help="int8 calibration data for tftrt / tensorrt / ov-int8 (.npz of inputs, or .csv / .jsonl texts)")
     o.add_argument("--train-data", metavar="FILE",
                    help="prune-structured's fine-tuning data (.npz of inputs with optional 'labels', or texts)")
     o.add_argument("--no-measure", action="store_true", help="validate only, skip latency measurement")
@@ -405,17 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                    help="--auto: accuracy points the result may lose on the labelled eval data (default 1.0)")
     o.add_argument("--formats", choices=["savedmodel", "all"],
-                   help="--auto: SavedModel candidates only (default), or also ONNX/LiteRT/TensorRT side artifacts")
+                   help="--auto: SavedModel candidates only (default), or also OpenVINO/ONNX/LiteRT/TensorRT side artifacts")
     o.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="--auto: seconds for the whole search (default 540; 'inf': no limit); candidates that "
                         "would not fit are not tried, and the report says so")
     o.set_defaults(func=cmd_optimize)
 
-    c = command("serve-check", help="check a SavedModel loads and runs without tfaccel (saved_model_cli)")
-    c.add_argument("saved_model", help="SavedModel folder")
+    c = command("serve-check", help="check a SavedModel loads and runs without tfaccel (saved_model_cli), or an "
+                                        "OpenVINO IR with OpenVINO alone")
+    c.add_argument("saved_model", help="SavedModel folder, or OpenVINO IR folder / .xml")
     c.set_defaults(func=cmd_serve_check)
 
-    b = command("bench", help="measure latency of a model or artifact (.onnx too)")
+    b = command("bench", help="measure latency of a model or artifact (.onnx and OpenVINO IR too)")
     model_args(b)
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=cmd_bench)

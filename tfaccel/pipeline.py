@@ -59,8 +59,9 @@ class Pipeline:
       so ``export,onnx,ort-int8,int8,litert-dynamic`` converts export's SavedModel, not the int8 one.
       Only when no float SavedModel exists does it take the latest (quantized) one; write
       ``litert-dynamic@int4`` to convert the int4 SavedModel on purpose. A conversion handed a
-      quantized SavedModel it cannot convert (``Step.takes_quantized``: ``onnx`` converts neither
-      ``int8``'s nor ``int4``'s, ``litert-dynamic`` not ``int8``'s) is a PlanError before any work.
+      quantized SavedModel it cannot convert (``Step.takes_quantized``: ``onnx`` and ``openvino``
+      convert neither ``int8``'s nor ``int4``'s, ``litert-dynamic`` not ``int8``'s) is a PlanError
+      before any work.
 
     Every stage in the report records its ``parent`` (the stage index it started from; report.md
     draws the tree).
@@ -113,10 +114,10 @@ class Pipeline:
                                 f"steps=['export', 'xla']. Received: {bad[0]!r} ({type(bad[0]).__name__})")
         self.steps = [step_from_spec(s) if isinstance(s, str) else s for s in steps]
         self.shapes = check_shapes(shapes)
-        for name, value, low in (("runs", runs, 3 if measure else 1), ("warmup", warmup, 0)):
+        for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ArgumentError(f"{name} is an int >= {low}{' (a median needs a few calls)' if low == 3 else ''}, "
-                                    f"e.g. {name}={20 if low else 3}. Received: {name}={value!r}")
+                raise ArgumentError(f"{name} is an int >= {low}, e.g. {name}={20 if low else 3}. "
+                                    f"Received: {name}={value!r}")
         self.runs, self.warmup = runs, warmup
         self.on_breach = on_breach
         self.measure = measure
@@ -143,28 +144,7 @@ class Pipeline:
         have = {source.kind}
         latest_model_kind = source.kind
         start_index = self.start_indices(source)
-        # Which step last gave a SavedModel, and whether a float one exists: a conversion (onnx,
-        # litert-dynamic) without @ takes the latest float SavedModel, else the latest quantized one.
-        latest_sm: tuple[int, Step] | None = None
-        float_sm = source.kind == "saved_model"
         for i, step in enumerate(self.steps, 1):
-            if step.consumes == "saved_model" and step.takes_quantized is not None:
-                if i in start_index:  # STEP@FROM: that stage's artifact
-                    j = start_index[i]
-                    maker = self.steps[j - 1] if j else None
-                elif step.side_artifact and not float_sm and latest_sm is not None:
-                    j, maker = latest_sm  # no float SavedModel before it: the latest, quantized one
-                else:
-                    maker = None
-                if maker is not None and maker.quantized_output and maker.name not in step.takes_quantized:
-                    raise PlanError(
-                        f"Step {i} '{step.spec}' would convert the quantized SavedModel of step {j} '{maker.name}', "
-                        f"which '{step.name}' cannot convert. Convert a float SavedModel instead: add 'export' "
-                        f"before '{maker.name}' (e.g. --steps export,{maker.name},{step.name}), and '{step.name}' "
-                        "takes it.")
-            if step.produces == "saved_model":
-                latest_sm = (i, step)
-                float_sm = float_sm or not step.quantized_output
             if i not in start_index and step.consumes not in have:  # STEP@FROM was checked by start_indices
                 fix = {"saved_model": "add 'export' before it", "onnx": "add 'onnx' before it",
                        "keras": "start from a Keras model (.keras file, preset folder or example name)"}
@@ -178,6 +158,7 @@ class Pipeline:
             have.add(step.produces)
             if not step.side_artifact:
                 latest_model_kind = step.produces
+        _refuse_quantized_inputs(self.steps, start_index, source.kind)
         for step in self.steps:  # every step can run here: checked before any work, not after the first stages
             step.check(source)
         steps = list(self.steps)
@@ -399,3 +380,26 @@ class Pipeline:
             note = f"measured on this machine ({warning}): " + ", ".join(ratios)
             stage.notes.append(note)
             self.log(f"  note: {note}")
+
+def _refuse_quantized_inputs(steps: list[Step], start_index: dict[int, int], source_kind: str) -> None:
+    """PlanError for a step that converts a SavedModel (``Step.takes_quantized`` set: onnx, litert-dynamic,
+    openvino) when the SavedModel it would start from is a quantizing step's (int8, int4) it cannot take."""
+    for i, step in enumerate(steps, 1):
+        if step.takes_quantized is None or step.consumes != "saved_model":
+            continue
+        makers = [s for s in steps[: i - 1] if s.produces == "saved_model"]
+        if i in start_index:
+            maker = steps[start_index[i] - 1] if start_index[i] > 0 else None
+        elif step.side_artifact:  # the latest float SavedModel (a SavedModel source is one), else the latest
+            float_before = source_kind == "saved_model" or not all(s.quantized_output for s in makers)
+            maker = None if float_before or not makers else makers[-1]
+        else:
+            maker = makers[-1] if makers else None
+        if maker is None or not maker.quantized_output or maker.name in step.takes_quantized:
+            continue
+        floats = [s.name for s in makers if not s.quantized_output]
+        fix = (f"Start it from a float SavedModel ({step.name}@{floats[-1]})" if floats else
+               f"Add 'export' before '{maker.name}' (e.g. --steps export,{maker.name},{step.name})")
+        reason = f" ({step.quantized_input_reason})" if step.quantized_input_reason else ""
+        raise PlanError(f"Step {i} '{step.spec}' would convert the SavedModel of '{maker.name}', which is quantized: "
+                        f"'{step.name}' cannot convert it{reason}. {fix}.")

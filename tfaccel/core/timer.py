@@ -12,7 +12,7 @@ the order rotating each round, so background load on a shared machine falls on a
   (< ``settle_below_s``), one untimed call precedes its block, so thread pools another runtime left
   spinning (onnxruntime spins after a run) do not bill this one.
 - **Budget**: ``max_seconds`` is the seconds of timed calls a contender may spend (at least 3 calls are
-  always made); ``runs`` caps its timed calls. One meaning everywhere.
+  always made, or ``runs`` if fewer); ``runs`` caps its timed calls. One meaning everywhere.
 - **Early stop**: with ``stop_slower``, once every contender has ``min_runs`` timed calls, a contender
   clearly slower than the fastest (:meth:`InterleavedTiming.clearly_slower`) stops; those in ``keep``
   (a baseline every ratio is relative to) never stop.
@@ -89,7 +89,7 @@ def interleave(
 
     Args:
         calls: name -> callable; each call is one unit of work.
-        runs: timed calls per contender at most (>= 3: a median needs a few).
+        runs: timed calls per contender at most (>= 1; 3 or more for a median worth comparing).
         warmup: untimed calls per contender before timing, the first included (>= 0; with 0 the first
             timed call is also the first call).
         max_seconds: seconds of timed calls per contender (at least 3 calls are made); None: no limit.
@@ -107,8 +107,8 @@ def interleave(
     Returns:
         An :class:`InterleavedTiming`.
     """
-    if runs < 3:
-        raise ValueError(f"runs must be at least 3 for a median. Received: runs={runs!r}")
+    if not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an int >= 1 (3 or more for a median worth comparing). Received: runs={runs!r}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0. Received: warmup={warmup!r}")
     names = list(calls)

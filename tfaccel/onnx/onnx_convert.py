@@ -85,26 +85,32 @@ class OnnxStep(Step):
 
     Args:
         opset: ONNX opset to target (recorded in the report).
+        fuse: apply onnxruntime's transformer fusions to the graph (:func:`tfaccel.onnx.ort_fusions.fuse_for_onnxruntime`:
+            the gelu fuses on tf2onnx's BERT graphs); the report lists what fused.
     """
 
     name = "onnx"
     consumes = "saved_model"
     produces = "onnx"
     side_artifact = True
-    # tf2onnx 1.17 converts neither the int8 step's SavedModel (measured on bert-tiny: "StatefulPartitionedCall"
-    # unsupported) nor int4's (BitwiseAnd, BitwiseXor): refused at plan time, not after the quantized stage.
+    # Refused at plan time, not after the quantized stage is built (measured on bert-tiny).
     takes_quantized = frozenset()
+    quantized_input_reason = ("tf2onnx 1.17 converts neither the int8 step's SavedModel ('StatefulPartitionedCall' "
+                              "unsupported) nor int4's (BitwiseAnd, BitwiseXor)")
     # onnxruntime fuses and reorders float32 math: small float differences, same results.
     default_tolerance = Tolerance(max_abs_diff=1e-3, min_cosine=0.9999, max_accuracy_drop=0.0)
 
-    def __init__(self, opset: int = DEFAULT_OPSET, **kwargs):
+    def __init__(self, opset: int = DEFAULT_OPSET, fuse: bool = True, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(opset, int) or not 13 <= opset <= 21:
             raise ValueError(f"opset must be an int from 13 to 21. Received: opset={opset!r}")
+        if not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be true or false. Received: fuse={fuse!r}")
         self.opset = opset
+        self.fuse = fuse
 
     def params(self):
-        return {"opset": self.opset}
+        return {"opset": self.opset, "fuse": self.fuse}
 
     def unavailable(self, caps) -> str:
         missing = [n for n, v in (("tf2onnx", caps.tf2onnx), ("onnxruntime", caps.onnxruntime)) if not v]
@@ -120,4 +126,11 @@ class OnnxStep(Step):
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         path = convert_saved_model(artifact.path, ctx.stage_dir / "model.onnx", opset=self.opset, log=ctx.log)
-        return Artifact(kind="onnx", path=path, input_names=artifact.input_names, info={"opset": self.opset})
+        info = {"opset": self.opset}
+        if self.fuse:
+            from tfaccel.onnx.ort_fusions import fuse_for_onnxruntime
+
+            fused = info["fused"] = fuse_for_onnxruntime(path)
+            ctx.note("onnxruntime transformer fusions: " + (", ".join(f"{k} x{v}" for k, v in fused.items())
+                                                            if fused else "none matched"))
+        return Artifact(kind="onnx", path=path, input_names=artifact.input_names, info=info)

@@ -124,7 +124,7 @@ def choose_kernel(medians: dict[str, dict[str, float]]) -> str:
 class _KerasQuantizeStep(Step):
     consumes = "keras"
     produces = "saved_model"
-    quantized_output = True
+    quantized_output = True  # conversions that need a float SavedModel (openvino) refuse it at plan time
     mode: str = "int8"
 
     def __init__(self, config: QuantizationConfig | dict | None = None, *, layer_types=None, include=None,
