@@ -24,10 +24,11 @@ class TimeBudget:
             builder's :attr:`~tfaccel.core.chain.ChainBuilder.step_seconds`).
     """
 
-    def __init__(self, total_s: float | None, start: float, step_seconds: dict[str, float]):
+    def __init__(self, total_s: float | None, start: float, step_seconds: dict[str, float], n_shapes: int = 1):
         self.total_s, self.start, self.step_seconds = total_s, start, step_seconds
-        #: seconds kept at the end for timing every candidate (at least 3 calls each)
-        self.reserve = min(60.0, max(15.0, 0.1 * total_s)) if total_s is not None else 0.0
+        #: seconds kept at the end for timing every candidate (at least 3 calls each, and at every shape after
+        #: the first a first call that may compile: XLA candidates compile again at a new batch size)
+        self.reserve = min(60.0, max(15.0, 0.1 * total_s)) * n_shapes if total_s is not None else 0.0
         self.build_deadline = start + total_s - self.reserve if total_s is not None else None
         self._validations: list[float] = []
 
@@ -65,8 +66,9 @@ class TimeBudget:
         return at
 
     def seconds_per_timing(self, n_runners: int, n_shapes: int, cap: float) -> float:
-        """Seconds of timed calls each candidate gets at each shape in the final timing: ``cap``, or less
-        so that every candidate fits in 70% of what is left (at least 0.5 s)."""
+        """Seconds of timed calls each candidate gets at each of the ``n_shapes`` shapes still to time:
+        ``cap``, or less so that every candidate fits in 70% of what is left (at least 0.5 s). Asked again
+        before each shape, so a slow first shape leaves less to the next ones."""
         if self.total_s is None:
             return cap
         left = self.start + self.total_s - time.perf_counter()

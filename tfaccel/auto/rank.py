@@ -19,12 +19,20 @@ STOP_SLOWER_MARGIN = 1.2
 
 
 def time_candidates(report: AutoReport, runners: dict[str, Any], make_inputs: Callable, shapes, *, runs: int,
-                    warmup: int, max_seconds: float, log: Callable[[str], None]) -> None:
-    """Time every validated candidate (within the budget or not: the plot shows both) interleaved, and
-    record its measurements and speed-ups. A candidate whose timing fails is dropped with the reason."""
-    log(f"timing {len(runners)} candidates interleaved at {', '.join(f'{b}x{s}' for b, s in shapes)} ({runs} runs "
-        f"each, round-robin, at most {max_seconds:.3g}s of calls each; clearly slower ones stop after 5)")
-    for st in time_against_baseline(runners, make_inputs, shapes, report.baseline, runs=runs, warmup=warmup,
+                    warmup: int, max_seconds: Callable[[int], float], log: Callable[[str], None]) -> None:
+    """Time every validated candidate (within the budget or not: the plot shows both) interleaved, shape by
+    shape, and record its measurements and speed-ups. ``max_seconds(shapes_left)`` is the seconds of timed
+    calls each candidate gets at the next shape. A candidate whose timing fails is dropped with the reason."""
+    for i, shape in enumerate(shapes):
+        seconds = max_seconds(len(shapes) - i)
+        log(f"timing {len(runners)} candidates interleaved at {shape[0]}x{shape[1]} ({runs} runs each, round-robin, "
+            f"at most {seconds:.3g}s of calls each; clearly slower ones stop after 5)")
+        _time_shape(report, runners, make_inputs, shape, runs=runs, warmup=warmup, max_seconds=seconds, log=log)
+
+
+def _time_shape(report: AutoReport, runners: dict[str, Any], make_inputs: Callable, shape, *, runs: int,
+                warmup: int, max_seconds: float, log: Callable[[str], None]) -> None:
+    for st in time_against_baseline(runners, make_inputs, [shape], report.baseline, runs=runs, warmup=warmup,
                                     max_seconds=max_seconds, stop_slower=STOP_SLOWER_MARGIN):
         shape = f"{st.batch}x{st.seq}"
         for name, err in st.timing.errors.items():
@@ -35,7 +43,6 @@ def time_candidates(report: AutoReport, runners: dict[str, Any], make_inputs: Ca
             log(f"  {name}: timing FAILED: {err}")
         for name, why in st.timing.stopped.items():
             report.candidate(name).notes.append(f"timing at {shape}: {why}")
-        log(f"  at {shape}:")
         for name, m in st.timing.measurements.items():
             c = report.candidate(name)
             c.measurements.append(m.to_dict())

@@ -158,13 +158,12 @@ def optimize_auto(
             if reference.labelled:
                 report.reference_accuracy = reference.accuracy
                 log(f"  reference accuracy {reference.accuracy:.4f} on {report.eval_examples} held-out examples")
-            budget = TimeBudget(time_budget_s, t_run, builder.step_seconds)
+            budget = TimeBudget(time_budget_s, t_run, builder.step_seconds, n_shapes=len(shapes))
             runners = CandidateBuilder(builder, reference, budget, Groups.of(planned), report, source.make_inputs,
                                        shapes, warmup, log).run(planned)
             # 5-6. time interleaved, rank
-            time_candidates(report, runners, source.make_inputs, shapes, runs=runs, warmup=warmup,
-                            max_seconds=budget.seconds_per_timing(len(runners), len(shapes), max_seconds_per_shape),
-                            log=log)
+            time_candidates(report, runners, source.make_inputs, shapes, runs=runs, warmup=warmup, log=log,
+                            max_seconds=lambda left: budget.seconds_per_timing(len(runners), left, max_seconds_per_shape))
             rank(report)
             runners.clear()
             # 7. place: the winner, the fastest of any format, the report
