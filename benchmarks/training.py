@@ -51,10 +51,12 @@ def run_one(name: str, timeout: float) -> dict:
     code = (f"import json, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
             + BENCHMARKS[name].replace("; ", "\n") + "\n"
             "sys.stdout.write('RESULT ' + json.dumps(r) + '\\n')\n")
+    from tfaccel.core.processes import run_child  # the child dies with this script
+
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        proc = run_child([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     except subprocess.TimeoutExpired:
         return {"name": name, "status": "failed", "error": f"timed out after {timeout:.0f}s"}
     seconds = time.perf_counter() - t0

@@ -337,8 +337,9 @@ def _run_auto(ctx: BuildContext, formats: str) -> tuple[dict[str, Any], Path, fl
     (its candidates' memory is gone before the other rows load), once per workload and formats: returns its
     report, its output folder and its wall time."""
     import json
-    import subprocess
     import sys
+
+    from tfaccel.core.processes import run_child
 
     key = ("auto-run", formats)
     if key not in ctx.cache:
@@ -349,7 +350,7 @@ def _run_auto(ctx: BuildContext, formats: str) -> tuple[dict[str, Any], Path, fl
             cmd += ["--shape", f"{batch}x{seq}"]
         ctx.log("  " + " ".join(cmd[1:]))
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = run_child(cmd, capture_output=True, text=True)  # dies with the benchmark
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"tfaccel optimize --auto exited {proc.returncode}: {proc.stderr.strip()[-600:]}")

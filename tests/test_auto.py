@@ -304,7 +304,7 @@ def test_cli_auto_progress_table_and_time_budget(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--auto", "--steps", "export"], "--auto and --steps are mutually exclusive"),
-    (["--auto", "--max-accuracy-drop", "-1"], "max_accuracy_drop is in accuracy points"),
+    (["--auto", "--max-accuracy-drop", "-1"], "--max-accuracy-drop must be a number >= 0"),
     (["--steps", "export", "--max-accuracy-drop", "2"], "--max-accuracy-drop applies only with --auto"),
     ([], "--steps STEP,STEP"),
 ])

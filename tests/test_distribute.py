@@ -405,12 +405,15 @@ def test_launcher_main_parses_the_command_line(capsys):
 
 
 def test_worker_argv_puts_the_parent_death_shim_in_front_only_where_the_os_has_it(monkeypatch):
+    import signal
+
     from tfaccel import compat
 
     monkeypatch.setattr(compat, "parent_death_signal_supported", lambda: True)
     argv = launcher.worker_argv([sys.executable, "-c", "print(1)"])
     assert argv[:2] == [sys.executable, "-c"] and "PR_SET_PDEATHSIG" in argv[2]
-    assert argv[3] == str(os.getpid()) and argv[5:] == [sys.executable, "-c", "print(1)"]
+    assert argv[3] == str(os.getpid()) and argv[4] == str(int(signal.SIGTERM))
+    assert argv[6:] == [sys.executable, "-c", "print(1)"]
     monkeypatch.setattr(compat, "parent_death_signal_supported", lambda: False)
     assert launcher.worker_argv(["python3", "train.py"]) == ["python3", "train.py"]
     with pytest.raises(FileNotFoundError, match="'no-such-trainer' is not an executable file on PATH"):

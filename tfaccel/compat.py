@@ -218,6 +218,19 @@ def parent_death_signal_supported() -> bool:
     return platform.system() == "Linux"
 
 
+def available_memory_bytes() -> int:
+    """Memory a new allocation can get on this machine now without swapping (``psutil``'s ``available``:
+    free memory plus reclaimable caches). Shape checks compare their estimates with it.
+
+    Example:
+        >>> available_memory_bytes() > 0
+        True
+    """
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def gpu_devices() -> list[str]:
     import tensorflow as tf
 

@@ -12,6 +12,11 @@ class TfaccelError(Exception):
     """Base class for problems the user can fix. The CLI prints the message and exits non-zero."""
 
 
+class ArgumentError(TfaccelError, ValueError):
+    """An argument of a tfaccel function, or a CLI option, has the wrong type or value. The message says
+    what was expected, with an example."""
+
+
 class SourceError(TfaccelError):
     """A model source could not be loaded (missing path, unknown format, not a Keras model...)."""
 
@@ -35,7 +40,14 @@ class PlanError(TfaccelError):
 
 
 class StepError(TfaccelError):
-    """A step could not produce its artifact."""
+    """A step could not produce its artifact.
+
+    Attributes:
+        unexpected: True when the step failed with an exception it did not anticipate (wrapped by the
+            pipeline; the CLI then writes the traceback to a log file and exits 1).
+    """
+
+    unexpected: bool = False
 
 
 class OverBudget(StepError):
@@ -54,3 +66,12 @@ class ValidationError(TfaccelError):
 
 class MissingDependencyError(TfaccelError, ImportError):
     """An optional dependency is not installed. The message says what to install."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM), handled like Ctrl-C: what was being written is rolled
+    back and the children are stopped (:func:`tfaccel.core.processes.sigterm_as_interrupt`)."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

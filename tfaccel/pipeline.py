@@ -21,13 +21,13 @@ from pathlib import Path
 from tfaccel.core.artifact import Artifact, kind_name
 from tfaccel.core.chain import run_step
 from tfaccel.core.files import StagedOutput, link_tree
-from tfaccel.core.measure import PeakRSS
+from tfaccel.core.measure import PeakRSS, check_shapes, check_shapes_fit
 from tfaccel.core.report import Report, StageResult
 from tfaccel.core.source import ModelSource
 from tfaccel.core.step import Step
 from tfaccel.core.timer import time_runner
 from tfaccel.core.validation import BREACH_POLICIES, classification_accuracy, compare_outputs
-from tfaccel.errors import PlanError, ValidationError
+from tfaccel.errors import ArgumentError, PlanError, ValidationError
 from tfaccel.steps import get_step, producers_of, step_from_spec
 
 
@@ -58,7 +58,10 @@ class Pipeline:
       starts from the latest *float* SavedModel: one not from a quantizing step (``int8``, ``int4``),
       so ``export,onnx,ort-int8,int8,litert-dynamic`` converts export's SavedModel, not the int8 one.
       Only when no float SavedModel exists does it take the latest (quantized) one; write
-      ``onnx@int8`` to convert the int8 SavedModel on purpose.
+      ``litert-dynamic@int4`` to convert the int4 SavedModel on purpose. A conversion handed a
+      quantized SavedModel it cannot convert (``Step.takes_quantized``: ``onnx`` and ``openvino``
+      convert neither ``int8``'s nor ``int4``'s, ``litert-dynamic`` not ``int8``'s) is a PlanError
+      before any work.
 
     Every stage in the report records its ``parent`` (the stage index it started from; report.md
     draws the tree).
@@ -72,6 +75,12 @@ class Pipeline:
         log: callable receiving progress lines (default: stderr).
         footprints: with ``measure``, also load every SavedModel stage (and a ``model.export`` of the
             reference) in a fresh process for its resident memory: one child process each.
+        memory_check: with ``measure``, refuse before any work a shape whose estimated memory exceeds
+            what this machine has available (:func:`tfaccel.core.measure.check_shapes_fit`; the CLI's
+            ``--skip-memory-check`` turns it off).
+
+    Raises:
+        ArgumentError: an argument of the wrong type or value (the message gives an example).
 
     Example:
         >>> from tfaccel import Pipeline, load_source
@@ -89,19 +98,33 @@ class Pipeline:
         max_seconds_per_shape: float = 60.0,
         log: Callable[[str], None] | None = None,
         footprints: bool = True,
+        memory_check: bool = True,
     ):
         if on_breach not in BREACH_POLICIES:
-            raise ValueError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
+            raise ArgumentError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
+        if isinstance(steps, (str, Step)) or not isinstance(steps, (list, tuple)):
+            example = f"[{steps!r}]" if isinstance(steps, str) and "," not in steps else "['export', 'xla']"
+            raise ArgumentError(f"steps is a list of step names or Step objects, e.g. steps={example}. "
+                                f"Received: steps={steps!r}")
         if not steps:
             raise PlanError("No steps given. Pass at least one step, e.g. steps=['export'].")
+        bad = [s for s in steps if not isinstance(s, (str, Step))]
+        if bad:
+            raise ArgumentError(f"Each of steps is a step name (see tfaccel.available_steps()) or a Step object, e.g. "
+                                f"steps=['export', 'xla']. Received: {bad[0]!r} ({type(bad[0]).__name__})")
         self.steps = [step_from_spec(s) if isinstance(s, str) else s for s in steps]
-        self.shapes = [tuple(s) for s in shapes]
+        self.shapes = check_shapes(shapes)
+        for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ArgumentError(f"{name} is an int >= {low}, e.g. {name}={20 if low else 3}. "
+                                    f"Received: {name}={value!r}")
         self.runs, self.warmup = runs, warmup
         self.on_breach = on_breach
         self.measure = measure
         self.max_seconds_per_shape = max_seconds_per_shape
         self.log = log or _default_log
         self.footprints = footprints
+        self.memory_check = memory_check
 
     # ----------------------------------------------------------------------------------------------
     def plan(self, source: ModelSource) -> list[Step]:
@@ -116,6 +139,8 @@ class Pipeline:
                     f"Cannot measure at {batch}x{seq}: the model's maximum sequence length is {limit}. "
                     f"Use a sequence length of at most {limit} (--shape {batch}x{limit})."
                 )
+        if self.measure and self.memory_check:
+            check_shapes_fit(source, self.shapes)
         have = {source.kind}
         latest_model_kind = source.kind
         start_index = self.start_indices(source)
@@ -133,7 +158,7 @@ class Pipeline:
             have.add(step.produces)
             if not step.side_artifact:
                 latest_model_kind = step.produces
-        _refuse_quantized_inputs(self.steps, start_index)
+        _refuse_quantized_inputs(self.steps, start_index, source.kind)
         for step in self.steps:  # every step can run here: checked before any work, not after the first stages
             step.check(source)
         steps = list(self.steps)
@@ -177,8 +202,17 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------------
     def run(self, source: ModelSource, out_dir: str | os.PathLike, overwrite: bool = False) -> Report:
         """Run every step and write OUT. OUT appears (or replaces an old one, with ``overwrite``)
-        only if the whole run succeeds; a failed run leaves no partial output."""
-        staged = StagedOutput(out_dir, overwrite=overwrite, protect=[source.path])
+        only if the whole run succeeds; a failed run leaves no partial output.
+
+        Raises:
+            ArgumentError: ``source`` is not a ModelSource.
+            OutputError: ``out_dir`` cannot be written or replaced (checked before any work).
+            PlanError: the steps cannot run on this source (checked before any work).
+        """
+        if not isinstance(source, ModelSource):
+            raise ArgumentError(f"source is a ModelSource, e.g. Pipeline(['export']).run(tfaccel.load_source("
+                                f"'bert-tiny'), 'out'). Received: source={source!r} ({type(source).__name__})")
+        staged = StagedOutput(out_dir, overwrite=overwrite, protect=[source.path], option="out_dir")
         staged.check()  # before the plan and any work
         steps = self.plan(source)
         with staged:
@@ -347,22 +381,25 @@ class Pipeline:
             stage.notes.append(note)
             self.log(f"  note: {note}")
 
-def _refuse_quantized_inputs(steps: list[Step], start_index: dict[int, int]) -> None:
-    """PlanError for a step that takes only a float SavedModel (``accepts_quantized_input = False``: openvino)
-    when the SavedModel it would start from is a quantizing step's (int8, int4)."""
+def _refuse_quantized_inputs(steps: list[Step], start_index: dict[int, int], source_kind: str) -> None:
+    """PlanError for a step that converts a SavedModel (``Step.takes_quantized`` set: onnx, litert-dynamic,
+    openvino) when the SavedModel it would start from is a quantizing step's (int8, int4) it cannot take."""
     for i, step in enumerate(steps, 1):
-        if getattr(step, "accepts_quantized_input", True) or step.consumes != "saved_model":
+        if step.takes_quantized is None or step.consumes != "saved_model":
             continue
-        earlier = steps[: i - 1]
+        makers = [s for s in steps[: i - 1] if s.produces == "saved_model"]
         if i in start_index:
-            quantized = start_index[i] > 0 and steps[start_index[i] - 1].quantized_output
-        else:  # side artifacts start from the latest float SavedModel; the source counts as one (its check)
-            makers = [s for s in earlier if s.produces == "saved_model"]
-            quantized = bool(makers) and all(s.quantized_output for s in makers) and step.side_artifact
-            quantized = quantized or (not step.side_artifact and bool(makers) and makers[-1].quantized_output)
-        if quantized:
-            from_step = steps[start_index[i] - 1].name if i in start_index else makers[-1].name
-            raise PlanError(
-                f"Step {i} '{step.spec}' would convert the SavedModel of '{from_step}', which is quantized: "
-                f"'{step.name}' takes a float SavedModel only (" + getattr(step, "quantized_input_reason", "") +
-                f"). Start it from a float SavedModel (e.g. {step.name}@export) or add 'export' before it.")
+            maker = steps[start_index[i] - 1] if start_index[i] > 0 else None
+        elif step.side_artifact:  # the latest float SavedModel (a SavedModel source is one), else the latest
+            float_before = source_kind == "saved_model" or not all(s.quantized_output for s in makers)
+            maker = None if float_before or not makers else makers[-1]
+        else:
+            maker = makers[-1] if makers else None
+        if maker is None or not maker.quantized_output or maker.name in step.takes_quantized:
+            continue
+        floats = [s.name for s in makers if not s.quantized_output]
+        fix = (f"Start it from a float SavedModel ({step.name}@{floats[-1]})" if floats else
+               f"Add 'export' before '{maker.name}' (e.g. --steps export,{maker.name},{step.name})")
+        reason = f" ({step.quantized_input_reason})" if step.quantized_input_reason else ""
+        raise PlanError(f"Step {i} '{step.spec}' would convert the SavedModel of '{maker.name}', which is quantized: "
+                        f"'{step.name}' cannot convert it{reason}. {fix}.")

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from tfaccel.core.artifact import normalize_outputs, output_names_of, serving_signature
-from tfaccel.core.files import dir_size
+from tfaccel.core.files import dir_size, temporary_folder
+from tfaccel.core.processes import run_child
 from tfaccel.core.source import input_specs_of_keras
 from tfaccel.errors import TfaccelError
 from tfaccel.servable import fresh_process_env
@@ -233,11 +232,11 @@ def load_footprint(saved_model_dir: str | os.PathLike, inputs: Mapping[str, np.n
     if not (path / "saved_model.pb").exists():
         raise TfaccelError(f"{str(path)!r} is not a SavedModel folder (no saved_model.pb).")
     env = fresh_process_env()
-    with tempfile.TemporaryDirectory() as tmp:
+    with temporary_folder("footprint") as tmp:
         in_npz = Path(tmp, "inputs.npz")
         if inputs:
             np.savez(in_npz, **{k: np.asarray(v) for k, v in inputs.items()})
-        proc = subprocess.run([sys.executable, "-c", _FOOTPRINT_CHILD, str(path), signature, str(in_npz)],
+        proc = run_child([sys.executable, "-c", _FOOTPRINT_CHILD, str(path), signature, str(in_npz)],
                               capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FOOTPRINT ")), None)
     if proc.returncode != 0 or line is None:
@@ -256,7 +255,7 @@ def keras_export_footprint(model, inputs: Mapping[str, np.ndarray] | None = None
         >>> keras_export_footprint(bert_tiny.model, bert_tiny.sample_inputs)  # doctest: +SKIP
         {'size_bytes': 785000, 'load_rss_bytes': 18000000, 'stored_values': 53654}
     """
-    with tempfile.TemporaryDirectory(prefix="tfaccel-model-export-") as tmp:
+    with temporary_folder("model-export") as tmp:
         path = Path(tmp, "model_export")
         model.export(str(path), format="tf_saved_model", verbose=False)
         out = load_footprint(path, inputs)
@@ -309,7 +308,7 @@ def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None, w
     if baseline_key in _BASELINES:  # the same model (shapes and dtypes) measured earlier in this process
         report.model_export = dict(_BASELINES[baseline_key])
         baseline_key = None
-    with tempfile.TemporaryDirectory(prefix="tfaccel-model-export-") as tmp:
+    with temporary_folder("model-export") as tmp:
         if baseline_key is not None:
             log("load footprint: model.export of the reference (the baseline)")
             try:

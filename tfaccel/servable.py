@@ -6,13 +6,13 @@ does), on the same inputs. Both must succeed and agree.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from tfaccel.core.files import temporary_folder
+from tfaccel.core.processes import run_child
 from tfaccel.errors import TfaccelError
 
 # Runs in a child process. It must not import tfaccel: that is what it checks.
@@ -78,11 +78,11 @@ def check_servable(saved_model_dir: str | os.PathLike, inputs: dict[str, np.ndar
     if not (path / "saved_model.pb").exists():
         raise ServabilityError(f"{str(path)!r} is not a SavedModel folder (no saved_model.pb).")
     env = fresh_process_env()
-    with tempfile.TemporaryDirectory() as tmp:
+    with temporary_folder("serve-check") as tmp:
         in_npz, out_npz, cli_dir = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz"), Path(tmp, "cli")
         if inputs is not None:
             np.savez(in_npz, **inputs)
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), signature, str(in_npz), str(out_npz)],
+        proc = run_child([sys.executable, "-c", _CHILD, str(path), signature, str(in_npz), str(out_npz)],
                               capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
         if proc.returncode != 0:
             raise ServabilityError(f"tf.saved_model.load in a fresh process failed on {path}:\n{_tail(proc.stderr)}")
@@ -94,7 +94,7 @@ def check_servable(saved_model_dir: str | os.PathLike, inputs: dict[str, np.ndar
         cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", "--dir", str(path),
                "--tag_set", "serve", "--signature_def", signature, "--inputs", spec, "--outdir", str(cli_dir),
                "--overwrite"]
-        proc = subprocess.run(cli, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+        proc = run_child(cli, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
         if proc.returncode != 0:
             raise ServabilityError(f"saved_model_cli run failed on {path} (TF Serving loads the same way):\n"
                                    f"{_tail(proc.stderr)}")

@@ -7,7 +7,6 @@ This module sits above the built-in examples (it resolves their names); the sour
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from tfaccel import examples
+from tfaccel.core.files import read_json_file
 from tfaccel.core.source import InputSpec, ModelSource, source_from_keras_model, token_sample_inputs
-from tfaccel.errors import SourceError, first_line
+from tfaccel.errors import ArgumentError, SourceError, first_line
 
 
 def load_sample_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -44,13 +44,16 @@ def _load_keras_file(path: Path) -> ModelSource:
 
 
 def _is_hf_dir(path: Path) -> bool:
+    """Whether ``path`` holds a Hugging Face model's config.json (with ``model_type``).
+
+    Raises:
+        SourceError: config.json is not valid JSON (the message names the file and the syntax error).
+    """
     cfg = path / "config.json"
-    if not cfg.exists():
+    if not cfg.is_file():
         return False
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return False
+    data = read_json_file(cfg, "the model's config")
+    return isinstance(data, dict) and "model_type" in data
 
 
 def _load_preset_dir(path: Path, task: str | None, num_classes: int | None) -> ModelSource:
@@ -145,6 +148,9 @@ def load_source(
         src = source_from_keras_model(model, name=getattr(model, "name", "model"))
     elif isinstance(model, str) and model in examples.EXAMPLES:
         src = examples.load_example(model, progress=progress)
+    elif not isinstance(model, (str, os.PathLike)):
+        raise ArgumentError(f"model is a built-in example name, a path or a keras.Model, e.g. load_source('bert-tiny') "
+                            f"or load_source('model.keras'). Received: {model!r} ({type(model).__name__})")
     else:
         p = Path(model)
         if not p.exists():

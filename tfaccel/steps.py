@@ -9,12 +9,14 @@ so this stays light.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 from typing import Any
 
 import tfaccel.generation  # noqa: F401  (registers the decoder kinds: onnx_decoder, tensorrt_decoder)
 from tfaccel.core.step import Step, parse_step_spec
-from tfaccel.errors import PlanError
+from tfaccel.errors import ArgumentError, PlanError
 from tfaccel.export import ExportStep
 from tfaccel.generation.tensorrt_decoder import TensorRTDecoderStep
 from tfaccel.onnx import OnnxStep, OrtInt8Step
@@ -75,15 +77,51 @@ def producers_of(kind: str) -> list[str]:
     return out
 
 
+def step_options(name: str) -> list[str]:
+    """The options a step takes (its constructor's keyword arguments, ``tolerance`` and ``on_breach`` last).
+
+    Example:
+        >>> step_options("onnx")
+        ['opset', 'tolerance', 'on_breach']
+    """
+    factory = _table()[name][0]
+    fixed = set(getattr(factory, "keywords", {}) or {})  # functools.partial rows (mixed_float16's policy)
+    cls = getattr(factory, "func", factory)
+    out: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        out += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.name not in out and p.name not in fixed]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return [o for o in out if o not in ("tolerance", "on_breach")] + ["tolerance", "on_breach"]
+
+
 def get_step(name: str, **kwargs: Any) -> Step:
-    """A step object by name, e.g. ``get_step("onnx", opset=17)``."""
+    """A step object by name, e.g. ``get_step("onnx", opset=17)``.
+
+    Raises:
+        PlanError: an unknown step, or an option the step does not take (the message lists its options).
+        ArgumentError: a value the step refuses (a ValueError too).
+    """
     table = _table()
-    if name not in table:
-        raise PlanError(f"Unknown step {name!r}. Available steps: {', '.join(table)}.")
+    if not isinstance(name, str) or name not in table:
+        close = difflib.get_close_matches(str(name), table, n=1)
+        raise PlanError(f"Unknown step {name!r}. Available steps: {', '.join(table)}."
+                        + (f" Did you mean {close[0]!r}?" if close else ""))
+    options = step_options(name)
+    unknown = [k for k in kwargs if k not in options]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], options, n=1)
+        raise PlanError(f"Step {name!r} has no option {unknown[0]!r}.{f' Did you mean {close[0]!r}?' if close else ''} "
+                        f"Its options: {', '.join(options)} (e.g. --set {name}.{options[0]}=VALUE).")
     try:
         return table[name][0](**kwargs)
-    except TypeError as exc:
-        raise PlanError(f"Bad options for step {name!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ArgumentError(f"Bad option for step {name!r}: {exc}") from exc
 
 
 def step_from_spec(spec: str, **options: Any) -> Step:

@@ -4,13 +4,12 @@ report.json (machines), report.md (people) and a latency-vs-accuracy plot (PNG).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from tfaccel.core.files import atomic_file
-from tfaccel.core.report import path_in_out_dir
+from tfaccel.core.report import path_in_out_dir, report_json
 
 PLOT_NAME = "latency_vs_accuracy.png"
 
@@ -116,7 +115,7 @@ class AutoReport:
         folder = Path(folder)
         self.plot = write_plot(self, folder / PLOT_NAME)
         with atomic_file(folder / "report.json") as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+            tmp.write_text(report_json(self.to_dict()))
         with atomic_file(folder / "report.md") as tmp:
             tmp.write_text(self.to_markdown())
 
@@ -246,11 +245,3 @@ def write_plot(report: AutoReport, path: str | Path) -> str | None:
     return path.name
 
 
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")

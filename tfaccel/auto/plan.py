@@ -17,6 +17,7 @@ from tfaccel.auto.recipes import BASELINE, FORMAT_CHOICES, SOURCE_BASELINE, Reci
 from tfaccel.compat import capabilities
 from tfaccel.core.artifact import kind_name
 from tfaccel.core.chain import step_key
+from tfaccel.core.measure import check_shapes
 from tfaccel.core.source import ModelSource
 from tfaccel.core.step import Step
 from tfaccel.errors import DataFileError, PlanError, TfaccelError
@@ -49,12 +50,7 @@ def check_options(max_accuracy_drop, shapes, formats, time_budget_s, runs, warmu
         raise PlanError(f"runs must be an int >= 3 (a median needs a few calls). Received: runs={runs!r}")
     if not isinstance(warmup, int) or warmup < 1:
         raise PlanError(f"warmup must be an int >= 1 (the first call traces/compiles). Received: warmup={warmup!r}")
-    out = []
-    for s in shapes:
-        if len(tuple(s)) != 2 or not all(isinstance(v, int) and v >= 1 for v in s):
-            raise PlanError(f"shapes are (batch, sequence length) pairs of positive ints. Received: {s!r}")
-        out.append((int(s[0]), int(s[1])))
-    return out
+    return check_shapes(shapes)  # ArgumentError with an example: shapes=(1, 64) or "1x128" are not lists of pairs
 
 
 def new_report(source: ModelSource, shapes, *, max_accuracy_drop: float, formats: str, time_budget_s,

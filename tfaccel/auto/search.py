@@ -33,7 +33,9 @@ from tfaccel.auto.plan import check_options, new_report, plan_search
 from tfaccel.auto.rank import rank, time_candidates
 from tfaccel.auto.recipes import BASELINE, SOURCE_BASELINE, Recipe
 from tfaccel.core.chain import ChainBuilder
+from tfaccel.core.eval_data import load_data_file
 from tfaccel.core.files import StagedOutput
+from tfaccel.core.measure import check_shapes_fit
 from tfaccel.core.source import ModelSource
 from tfaccel.core.validation import Reference
 from tfaccel.errors import PlanError
@@ -63,6 +65,7 @@ def optimize_auto(
     max_seconds_per_shape: float = 30.0,
     overwrite: bool = False,
     keep_candidates: bool = False,
+    memory_check: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> AutoReport:
     """Find the fastest validated SavedModel for this model, machine and accuracy budget.
@@ -105,6 +108,8 @@ def optimize_auto(
             (see :data:`tfaccel.auto.rank.STOP_SLOWER_MARGIN`) stops after 5 timed calls; the baseline is always timed fully.
         overwrite: replace an existing ``out`` (only when the new run succeeded).
         keep_candidates: also keep every candidate's artifacts under ``OUT/candidates``.
+        memory_check: refuse before any work a shape whose estimated memory exceeds what this machine
+            has available (:func:`tfaccel.core.measure.check_shapes_fit`).
         log: callable receiving progress lines (default: stderr).
 
     Returns:
@@ -127,8 +132,12 @@ def optimize_auto(
                                                                                            progress=log)
     shapes = check_options(max_accuracy_drop, shapes or [(1, source.default_seq)], formats, time_budget_s,
                            runs, warmup)
-    staged = StagedOutput(out, overwrite=overwrite, protect=[source.path])
+    staged = StagedOutput(out, overwrite=overwrite, protect=[source.path], option="out")
     staged.check()  # before any work
+    if memory_check:
+        check_shapes_fit(source, shapes)
+    if isinstance(finetune_data, (str, os.PathLike)):  # the user's file, checked even if no recipe reads it
+        load_data_file(finetune_data, source, what="fine-tuning data (--train-data)", labels="optional")
     # 1. plan: every recipe, checked; the ones that cannot run here are in the report with the reason
     baseline = SOURCE_BASELINE if source.kind == "saved_model" else BASELINE
     report = new_report(source, shapes, max_accuracy_drop=max_accuracy_drop, formats=formats,

@@ -58,7 +58,9 @@ def run_step(step: Step, artifact: Artifact, source: ModelSource, stage_dir: Pat
         raise
     except Exception as exc:
         shutil.rmtree(stage_dir, ignore_errors=True)
-        raise StepError(f"Step '{step.name}' failed: {type(exc).__name__}: {exc}") from exc
+        err = StepError(f"Step '{step.name}' failed: {type(exc).__name__}: {exc}")
+        err.unexpected = True  # the CLI writes its traceback to a log file (exit 1)
+        raise err from exc
     return StepRun(out, time.perf_counter() - t0, notes, ctx.hardware_warning)
 
 

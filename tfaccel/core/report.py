@@ -101,7 +101,7 @@ class Report:
 
     def write(self, folder: str | Path) -> None:
         folder = Path(folder)
-        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        (folder / "report.json").write_text(report_json(self.to_dict()))
         (folder / "report.md").write_text(self.to_markdown())
 
     def _tree_markdown(self) -> list[str]:
@@ -231,6 +231,33 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _finite(o: Any) -> Any:
+    import math
+
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def report_json(data: Any) -> str:
+    """``data`` as strict JSON for report.json: NaN and infinities (a diverged output, an unlimited
+    budget) become ``null``, which every JSON reader takes (Python's own ``NaN`` is not JSON).
+
+    Example:
+        >>> report_json({"cosine": float("nan"), "ms": 1.5})
+        '{\n  "cosine": null,\n  "ms": 1.5\n}'
+    """
+    return json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -80,6 +80,12 @@ class Step(abc.ABC):
     #: True if the SavedModel this step gives holds quantized weights/ops that conversions (onnx,
     #: litert-dynamic) cannot take; artifacts recording ``info["quantization"]`` (int8, int4) count too.
     quantized_output: ClassVar[bool] = False
+    #: For steps that convert a SavedModel: the names of the quantizing steps (``quantized_output``)
+    #: whose SavedModel they can convert (``frozenset()``: none); None: any. The planner refuses a chain
+    #: that would hand one a quantized SavedModel it cannot convert, before any work, with
+    #: ``quantized_input_reason`` (why) in the message.
+    takes_quantized: ClassVar[frozenset[str] | None] = None
+    quantized_input_reason: ClassVar[str] = ""
     #: The earlier stage this step starts from (``STEP@FROM``: a step name or "reference"); None
     #: takes the default input (see :class:`tfaccel.Pipeline`).
     start_from: str | None = None

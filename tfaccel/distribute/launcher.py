@@ -14,8 +14,9 @@ Exit status: 0 when every worker exits 0; otherwise the failing worker's code (1
 killed by a signal), 124 on ``--timeout``.
 
 On Linux each worker asks the kernel for SIGTERM when the launcher dies (``PR_SET_PDEATHSIG``, set by a
-small Python shim that then ``exec``s the command, so the worker keeps its PID and exit status): a killed
-launcher (or a killed pytest running one) leaves no workers behind.
+small Python shim that then ``exec``s the command, so the worker keeps its PID and exit status; the shim
+every child of tfaccel starts behind, :mod:`tfaccel.core.processes`): a killed launcher (or a killed
+pytest running one) leaves no workers behind.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -80,33 +80,17 @@ class LaunchResult:
         return len(self.attempts) - 1
 
 
-# Runs in each worker process before its command: SIGTERM when the launcher dies, then exec the command.
-_PARENT_DEATH_SHIM = (
-    "import ctypes, os, signal, sys\n"
-    "if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG\n"
-    "    sys.exit('tfaccel launcher: prctl(PR_SET_PDEATHSIG) failed: errno %d' % ctypes.get_errno())\n"
-    "if os.getppid() != int(sys.argv[1]):  # the launcher died before the request took effect\n"
-    "    sys.exit(143)\n"
-    "os.execv(sys.argv[2], sys.argv[3:])  # the resolved executable, with the command's own argv\n"
-)
-
-
 def worker_argv(command: Sequence[str]) -> list[str]:
-    """The argv a worker starts with: ``command``, behind the parent-death shim where the OS has one.
+    """The argv a worker starts with: ``command``, behind the parent-death shim where the OS has one
+    (:func:`tfaccel.core.processes.child_argv`, the one every child of tfaccel starts behind).
 
     Raises:
         FileNotFoundError: ``command[0]`` is not an executable file or on PATH (checked here, because
             behind the shim the failure would only show as a worker exiting 1).
     """
-    from tfaccel.compat import parent_death_signal_supported
+    from tfaccel.core.processes import child_argv
 
-    exe = command[0]
-    found = shutil.which(exe)
-    if found is None:
-        raise FileNotFoundError(f"{exe!r} is not an executable file{'' if os.sep in exe else ' on PATH'}")
-    if not parent_death_signal_supported():
-        return list(command)
-    return [sys.executable, "-c", _PARENT_DEATH_SHIM, str(os.getpid()), found, *command]
+    return child_argv(command)
 
 
 def _exit_status(code: int) -> int:

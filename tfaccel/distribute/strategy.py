@@ -264,5 +264,7 @@ def run_with_logical_cpus(
         body = code
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **(env or {})}
     full_env.pop("TF_CONFIG", None) if "TF_CONFIG" not in (env or {}) else None
-    return subprocess.run([sys.executable, "-c", prelude + body, *map(str, args)], capture_output=capture_output,
-                          text=True, timeout=timeout, env=full_env)
+    from tfaccel.core.processes import run_child
+
+    return run_child([sys.executable, "-c", prelude + body, *map(str, args)], capture_output=capture_output,
+                     text=True, timeout=timeout, env=full_env)

@@ -8,16 +8,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from tfaccel.core.artifact import register_kind
+from tfaccel.core.files import read_json_file
 from tfaccel.errors import InputMismatchError, SourceError
 from tfaccel.generation.greedy_loop import GenerationResult, greedy_generate
-from tfaccel.generation.prompts import prepare_prompts
+from tfaccel.generation.prompts import check_stop_token_id, prepare_prompts
 
 TRT_DECODER_FILE = "decoder.engine"
 
@@ -37,8 +37,7 @@ class Generator:
     def generate(self, prompt_ids, max_new_tokens: int = 16, stop_token_id: int = -1,
                  padding_mask=None) -> GenerationResult:
         """Greedy tokens after each prompt (see :func:`tfaccel.generation.generate`)."""
-        if not isinstance(stop_token_id, (int, np.integer)) or isinstance(stop_token_id, bool):
-            raise InputMismatchError(f"stop_token_id must be an int (-1: none). Received: stop_token_id={stop_token_id!r}")
+        check_stop_token_id(stop_token_id, self.vocabulary_size)
         ids, mask = prepare_prompts(prompt_ids, padding_mask, vocabulary_size=self.vocabulary_size,
                                     max_length=self.max_length, max_new_tokens=max_new_tokens)
         return self._generate(ids, mask, int(max_new_tokens), int(stop_token_id))
@@ -62,6 +61,7 @@ class SavedModelGenerator(Generator):
             raise SourceError(f"The SavedModel {self.path} has no generate_greedy signature (it has "
                               f"{sorted(self._loaded.signatures)}). Write one with the 'generate' step.")
         self._fn = self._loaded.signatures["generate_greedy"]
+        self.vocabulary_size = vocabulary_size_of(self.path)
 
     def _generate(self, ids, mask, max_new_tokens, stop_token_id):
         tf = self._tf
@@ -74,6 +74,10 @@ class SavedModelGenerator(Generator):
                 raise InputMismatchError(
                     f"The prompt ({ids.shape[1]} tokens) is longer than the largest prompt bucket of {self.path}. "
                     "Shorten it, or rebuild with a larger bucket (--set generate.prompt_buckets=...).") from exc
+            # the export's vocabulary assertions, or an embedding lookup out of range in older exports
+            if "(the vocabulary)" in str(exc) or "stop_token_id must be" in str(exc) or "is not in [0, " in str(exc):
+                raise InputMismatchError(f"A token id is outside the vocabulary of {self.path}: "
+                                         f"{str(exc).strip().splitlines()[0]}. Give ids from the model's tokenizer.") from exc
             raise
         tokens, lengths = out["token_ids"].numpy(), out["lengths"].numpy()
         if tokens.shape[1] < ids.shape[1] + max_new_tokens:
@@ -254,7 +258,7 @@ def artifact_kind(path: str | os.PathLike) -> str:
     if p.is_file() and p.name in (LAYOUT_FILE, "decoder.onnx", TRT_DECODER_FILE):
         p = p.parent
     if (p / LAYOUT_FILE).is_file():
-        info = json.loads((p / LAYOUT_FILE).read_text())
+        info = read_json_file(p / LAYOUT_FILE, "the decoder layout")
         if (p / TRT_DECODER_FILE).is_file():
             return "tensorrt_decoder"
         if (p / info.get("onnx_file", "decoder.onnx")).is_file():
@@ -264,6 +268,26 @@ def artifact_kind(path: str | os.PathLike) -> str:
     raise SourceError(f"{str(p)!r} is not a tfaccel generation artifact: expected a SavedModel with a generate_greedy "
                       "signature (the 'generate' step) or a decoder folder with decoder.json (the 'onnx-decoder', "
                       "'ort-decoder-int8', 'ort-decoder-int4' or 'tensorrt-decoder' steps).")
+
+
+def vocabulary_size_of(path: str | os.PathLike) -> int | None:
+    """The vocabulary size a generation artifact records, read without loading it: a decoder folder's
+    decoder.json, or a generate SavedModel's ``assets.extra/tfaccel_generate.json`` (None for exports made
+    before it was written). Lets a caller check token ids before paying for the load.
+
+    Example:
+        >>> vocabulary_size_of("out/stages/01-generate")  # doctest: +SKIP
+        50257
+    """
+    from tfaccel.onnx.decoder_export import LAYOUT_FILE
+    from tfaccel.xla.generate_export import GENERATE_INFO_FILE
+
+    p = Path(path)
+    p = p.parent if p.is_file() else p
+    for name, what in ((LAYOUT_FILE, "the decoder layout"), (GENERATE_INFO_FILE, "the generate export's limits")):
+        if (p / name).is_file():
+            return read_json_file(p / name, what).get("vocabulary_size")
+    return None
 
 
 def load_generator(path: str | os.PathLike, **kwargs) -> Generator:

@@ -52,8 +52,9 @@ def prepare_prompts(prompt_ids, padding_mask=None, *, vocabulary_size: int | Non
     real = ids[mask > 0]
     if real.min() < 0 or (vocabulary_size is not None and real.max() >= vocabulary_size):
         bad = int(real.min()) if real.min() < 0 else int(real.max())
-        raise InputMismatchError(f"Token id {bad} is outside the model's vocabulary [0, {vocabulary_size}). "
-                                 "Give ids from the model's tokenizer.")
+        where = f"the model's vocabulary [0, {vocabulary_size})" if vocabulary_size is not None else \
+            "the vocabulary (token ids are >= 0)"
+        raise InputMismatchError(f"Token id {bad} is outside {where}. Give ids from the model's tokenizer.")
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise InputMismatchError(f"max_new_tokens must be an int >= 0. Received: max_new_tokens={max_new_tokens!r}")
     if max_length is not None and ids.shape[1] + max_new_tokens > max_length:
@@ -62,6 +63,19 @@ def prepare_prompts(prompt_ids, padding_mask=None, *, vocabulary_size: int | Non
             f"{ids.shape[1] + max_new_tokens} > the model's maximum length {max_length}. "
             f"Shorten the prompt or ask for at most {max(max_length - ids.shape[1], 0)} new tokens.")
     return ids.astype(np.int32), mask
+
+
+def check_stop_token_id(stop_token_id, vocabulary_size: int | None) -> None:
+    """Raise InputMismatchError unless ``stop_token_id`` is -1 (never stop) or an id of the vocabulary.
+
+    Example:
+        >>> check_stop_token_id(-1, 300)
+    """
+    if not isinstance(stop_token_id, (int, np.integer)) or isinstance(stop_token_id, bool):
+        raise InputMismatchError(f"stop_token_id must be an int (-1: none). Received: stop_token_id={stop_token_id!r}")
+    if stop_token_id < -1 or (vocabulary_size is not None and stop_token_id >= vocabulary_size):
+        raise InputMismatchError(f"The stop token id {stop_token_id} is outside the model's vocabulary "
+                                 f"[0, {vocabulary_size if vocabulary_size is not None else '...'}) (-1: never stop).")
 
 
 def _as_int(a: np.ndarray, name: str = "prompt_ids") -> np.ndarray:

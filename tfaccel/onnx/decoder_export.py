@@ -45,7 +45,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tfaccel.errors import StepError
+from tfaccel.errors import SourceError, StepError
 
 DECODER_FILE = "decoder.onnx"
 LAYOUT_FILE = "decoder.json"
@@ -523,5 +523,11 @@ def write_layout(folder: str | os.PathLike, layout: DecoderLayout, **extra) -> N
 
 def read_layout(folder: str | os.PathLike) -> tuple[DecoderLayout, dict[str, Any]]:
     """The layout and the whole ``decoder.json`` of a decoder folder."""
-    d = json.loads((Path(folder) / LAYOUT_FILE).read_text())
-    return DecoderLayout.from_dict(d), d
+    from tfaccel.core.files import read_json_file
+
+    d = read_json_file(Path(folder) / LAYOUT_FILE, "the decoder layout")
+    try:
+        return DecoderLayout.from_dict(d), d
+    except TypeError as exc:  # a field missing
+        raise SourceError(f"The decoder layout {str(Path(folder) / LAYOUT_FILE)!r} is incomplete ({exc}). Write the "
+                          "decoder folder again with the onnx-decoder step.") from exc

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from tfaccel.core.artifact import register_kind
+from tfaccel.errors import SourceError
 
 
 def ort_cpu_session(path: str | os.PathLike, *, fuse_qdq: bool = True, intra_op_threads: int = 0,
@@ -31,7 +32,14 @@ def ort_cpu_session(path: str | os.PathLike, *, fuse_qdq: bool = True, intra_op_
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if not os.path.isfile(path):
+        raise SourceError(f"ONNX model {str(path)!r} does not exist.")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...), not a public base class
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise SourceError(f"onnxruntime cannot load {str(path)!r}: {reason}. The file is not a complete ONNX model "
+                          "(a truncated or partly copied file gives this); write or copy it again.") from exc
 
 
 class OnnxRunner:

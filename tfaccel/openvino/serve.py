@@ -6,13 +6,13 @@ validated it at, and compare its outputs with this process's.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from tfaccel.core.files import temporary_folder
+from tfaccel.core.processes import run_child
 from tfaccel.openvino.ir import compile_config, ir_xml, read_meta
 from tfaccel.servable import ServabilityError, fresh_process_env
 
@@ -71,11 +71,11 @@ def check_openvino_servable(path: str | os.PathLike, inputs: dict[str, np.ndarra
     want = runner(inputs)
     import json
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with temporary_folder("openvino-serve-check") as tmp:  # swept if tfaccel is killed; the child dies with it
         in_npz, out_npz = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz")
         np.savez(in_npz, **inputs)
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(xml), json.dumps(config), str(in_npz), str(out_npz)],
-                              capture_output=True, text=True, timeout=timeout, env=fresh_process_env(), cwd=tmp)
+        proc = run_child([sys.executable, "-c", _CHILD, str(xml), json.dumps(config), str(in_npz), str(out_npz)],
+                         capture_output=True, text=True, timeout=timeout, env=fresh_process_env(), cwd=tmp)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
             raise ServabilityError(f"OpenVINO alone could not run {xml} in a fresh process:\n{tail}")

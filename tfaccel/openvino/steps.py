@@ -132,7 +132,7 @@ class OpenVINOStep(_OpenVINOStepBase):
     consumes = "saved_model"
     produces = OPENVINO_KIND
     #: A float SavedModel only (see the class docstring); Pipeline.plan refuses a quantized input.
-    accepts_quantized_input = False
+    takes_quantized = frozenset()
     quantized_input_reason = ("OpenVINO's TensorFlow frontend has no rule for the oneDNN int8 ops, and the Keras "
                               "int8 forms convert to a graph far from the SavedModel; quantize with 'ov-int8' instead")
     # fp16-stored weights and bf16 matmuls (the default on bf16 CPUs): small drift, the same predictions.

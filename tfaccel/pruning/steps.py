@@ -143,14 +143,18 @@ class StructuredPruneStep(Step):
 
     def check(self, source) -> None:
         """Raise StepError if this step cannot prune ``source`` (not a keras-hub transformer, or heads
-        asked of a family whose config cannot express fewer heads)."""
+        asked of a family whose config cannot express fewer heads), and DataFileError if ``data`` is a
+        file that cannot be used: both before any step runs."""
         from tfaccel.pruning.structured_pruning import attention_heads, feedforward_layers
 
+        super().check(source)
         if source.kind != "keras" or source.model is None:
             raise StepError(f"prune-structured needs a Keras model; {source.name} is a {source.kind}.")
         feedforward_layers(source.model)
         if self.head_fraction > 0:
             attention_heads(source.model)
+        if isinstance(self.data, os.PathLike) or (isinstance(self.data, str) and self.data not in ("auto", "none")):
+            load_finetune_data(self.data, source)  # read and checked against the model now, not after earlier steps
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.pruning.distillation import distill

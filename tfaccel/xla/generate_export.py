@@ -36,14 +36,18 @@ each row's final length. ``top_k = 0`` and ``top_p = 1`` mean greedy; otherwise 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from tfaccel.core.artifact import normalize_outputs, output_names_of
 from tfaccel.errors import PlanError
 from tfaccel.xla.xla_export import validate_buckets
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512)
+#: Written beside the graph: the export's limits (vocabulary size, maximum length, buckets, cap).
+GENERATE_INFO_FILE = "assets.extra/tfaccel_generate.json"
 DEFAULT_MAX_NEW_TOKENS_CAP = 128
 
 
@@ -188,7 +192,8 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
         jit_compile: XLA-compile the decode loop: True, False or "auto" (XLA when a GPU is visible).
 
     Returns:
-        What was set up: family, buckets and the cap.
+        What was set up: family, buckets, the cap, the maximum length and the vocabulary size (also
+        written to ``assets.extra/tfaccel_generate.json`` in ``folder``).
 
     Raises:
         PlanError: the model's family cannot be exported (the reason), or the cap does not fit.
@@ -209,11 +214,19 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
     jit = resolve_jit_compile(jit_compile)
     decoders = {b: make_decode_fn(causal_lm, b, max_new_tokens_cap, jit, spec=spec) for b in buckets}
 
+    vocab = int(causal_lm.backbone.vocabulary_size)
+
     def generate(token_ids, padding_mask, max_new_tokens, stop_token_id, top_k, top_p, temperature, seed):
         width = tf.shape(token_ids)[1]
-        check = tf.debugging.assert_less_equal(width, buckets[-1], message=(
-            f"prompt is longer than the largest prompt bucket {buckets[-1]} of this export"))
-        with tf.control_dependencies([check]):  # the check runs before any padding to a bucket uses the width
+        real = tf.boolean_mask(token_ids, padding_mask > 0)
+        checks = [  # before any padding to a bucket uses the width, and before an id reaches the embedding
+            tf.debugging.assert_less_equal(width, buckets[-1], message=(
+                f"prompt is longer than the largest prompt bucket {buckets[-1]} of this export")),
+            tf.debugging.assert_non_negative(real, message=f"token ids must be in [0, {vocab}) (the vocabulary)"),
+            tf.debugging.assert_less(real, vocab, message=f"token ids must be in [0, {vocab}) (the vocabulary)"),
+            tf.debugging.assert_less(stop_token_id, vocab, message=f"stop_token_id must be -1 or in [0, {vocab})"),
+        ]
+        with tf.control_dependencies(checks):
             width = tf.identity(width)
         max_new = tf.clip_by_value(max_new_tokens, 0, max_new_tokens_cap)
         mask = tf.cast(padding_mask, tf.int32)
@@ -252,8 +265,14 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
         "generate": tf.function(generate, input_signature=gen_sig),
         "generate_greedy": tf.function(generate_greedy, input_signature=gen_sig[:4]),
     })
-    return {"family": spec.family, "prompt_buckets": list(buckets), "max_new_tokens_cap": max_new_tokens_cap,
-            "max_length": spec.max_length, "jit_compile": jit}
+    info = {"family": spec.family, "prompt_buckets": list(buckets), "max_new_tokens_cap": max_new_tokens_cap,
+            "max_length": spec.max_length, "vocabulary_size": vocab, "jit_compile": jit}
+    # What a caller must respect, beside the graph (TF Serving's place for extra files): tfaccel generate
+    # checks token ids against it before calling (the graph's own assertions catch the rest).
+    extra = Path(folder) / GENERATE_INFO_FILE
+    extra.parent.mkdir(exist_ok=True)
+    extra.write_text(json.dumps(info, indent=2))
+    return info
 
 
 def keras_hub_greedy(causal_lm, token_ids, padding_mask, max_new_tokens: int):
