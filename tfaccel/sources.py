@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,31 @@ class InputSpec:
 
 
 @dataclasses.dataclass
+class TrainData:
+    """A source's own fine-tuning split (an example's training articles), disjoint from its eval split
+    and loaded on first use (tokenizing takes seconds that most runs do not need).
+
+    Args:
+        description: what the data is, for reports (e.g. "BBC News training split (400 articles)").
+        loader: returns ``(inputs, labels or None)``: model inputs (name -> array) and class labels.
+
+    Example:
+        >>> inputs, labels = load_source("minilm-bbc").train_data.load()  # doctest: +SKIP
+    """
+
+    description: str
+    loader: Callable[[], tuple[dict[str, np.ndarray], np.ndarray | None]] = dataclasses.field(repr=False)
+    _loaded: tuple[dict[str, np.ndarray], np.ndarray | None] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
+
+    def load(self) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """``(inputs, labels or None)``, loaded once."""
+        if self._loaded is None:
+            self._loaded = self.loader()
+        return self._loaded
+
+
+@dataclasses.dataclass
 class ModelSource:
     """A model to optimize, with what is needed to validate and measure it.
 
@@ -50,6 +76,8 @@ class ModelSource:
         calibration_inputs: inputs int8 calibration runs on (name -> array), when the user gave them
             (:meth:`with_calibration_data`); otherwise calibration takes the eval split.
         data_files: the user's data files this source carries: {"eval": path, "calibration": path}.
+        train_data: the source's own fine-tuning split (:class:`TrainData`; minilm-bbc's training
+            articles), what ``prune-structured`` distils on when not given data; None: it has none.
     """
 
     name: str
@@ -69,6 +97,7 @@ class ModelSource:
     max_sequence_length: int | None = None
     calibration_inputs: dict[str, np.ndarray] | None = None
     data_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    train_data: TrainData | None = None
 
     @property
     def input_names(self) -> list[str]:

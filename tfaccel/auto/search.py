@@ -218,7 +218,7 @@ def optimize_auto(
             shares what is left. The report names every candidate not tried and why.
         finetune_data: data for the recipes that fine-tune (structured pruning): an .npz path (one array
             per input, optional ``labels``), a dict of arrays or an (inputs, labels) tuple. Without it
-            only a source with its own training split (minilm-bbc) gets those recipes.
+            only a source with its own training split (``source.train_data``: minilm-bbc) gets those recipes.
         recipes: a subset of recipe names, or your own :class:`Recipe` objects (default: the table).
         runs, warmup: timed and untimed calls per candidate and shape.
         max_seconds_per_shape: stop timing a candidate at a shape after this many seconds of calls
@@ -243,7 +243,6 @@ def optimize_auto(
     from tfaccel.compat import capabilities
     from tfaccel.pipeline import Pipeline, _link_tree, _replace_dir
     from tfaccel.pruning.distillation import DistillationOverBudget
-    from tfaccel.pruning.steps import DEFAULT_DATA
     from tfaccel.sources import load_source
 
     log = log or _default_log
@@ -267,7 +266,7 @@ def optimize_auto(
     baseline = SOURCE_BASELINE if sm_source else BASELINE
 
     caps = capabilities()
-    has_data = finetune_data is not None or source.name in DEFAULT_DATA
+    has_data = finetune_data is not None or source.train_data is not None
     plan = plan_candidates(caps, finetune_data=has_data, formats=formats, recipes=recipes)
     step_defaults = {"prune-structured": {"data": finetune_data}} if finetune_data is not None else {}
 

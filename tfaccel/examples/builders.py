@@ -192,9 +192,12 @@ def build_minilm_bbc(target: Path, progress=None, epochs: int = 3, n_train: int 
 
 
 def minilm_bbc(progress=None):
-    """The fine-tuned MiniLM classifier, built once and cached under :func:`cache_dir`."""
+    """The fine-tuned MiniLM classifier, built once and cached under :func:`cache_dir`; its training
+    articles travel as ``train_data`` (what structured pruning distils on)."""
     import keras
     import keras_hub  # noqa: F401  (registers classes for load_model)
+
+    from tfaccel.sources import TrainData
 
     final = cache_dir() / f"minilm-bbc-{MINILM_BBC_VERSION}"
     # One build at a time per cache (parallel test workers, notebooks side by side): the others wait for it
@@ -212,7 +215,16 @@ def minilm_bbc(progress=None):
     )
     src.sample_inputs = {k: v[:8] for k, v in eval_inputs.items()}
     src.default_seq = MINILM_SEQ
+    src.train_data = TrainData(
+        f"BBC News training split ({meta['n_train']} articles, disjoint from the {meta['n_eval']} held out)",
+        lambda: _bbc_train_split(meta["n_train"], meta["n_eval"]))
     return src
+
+
+def _bbc_train_split(n_train: int, n_eval: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """minilm-bbc's training articles, tokenized as the model was fine-tuned on them."""
+    (texts, labels), _ = bbc_news.split(n_train, n_eval)
+    return _tokenize(texts), labels
 
 
 # --------------------------------------------------------------------------------------------------
