@@ -8,9 +8,10 @@ techniques are tried (like optimum's O1-O4 optimization levels, kept in one plac
 
 Order matters: recipes are built in table order, so when the run's time budget runs out the ones at
 the end are the ones not tried. Cheap recipes that are often fastest come first; structured pruning
-(minutes of distillation) and the side artifacts (tf2onnx is minutes on BERT-base) come last. Recipes
-that share a first step and whose remaining steps are another recipe (the ``prune-structured`` ones:
-their counterparts are ``export``, ``xla``, ``int8-*``) are built together, fastest counterpart first,
+(minutes of distillation: width first, then depth) and the side artifacts (tf2onnx is minutes on BERT-base)
+come last. Recipes that share a first step and whose remaining steps are another recipe (the
+``prune-structured`` ones and the ``prune-depth`` ones: their counterparts are ``export``, ``xla``,
+``int8-*``) are built together, one distillation per group, fastest counterpart first,
 and the search skips the ones a within-budget sibling dominates (:func:`tfaccel.auto.optimize_auto`).
 
 Example:
@@ -164,6 +165,8 @@ def _trt_route(route: str) -> Predicate:
 
 
 S = StepSpec.of
+#: Depth pruning: half the transformer layers go, no feed-forward units (prune-structured's ``layers``).
+_DEPTH = S("prune-structured", fraction=0.0, layers=0.5)
 
 #: The one table. The first recipe is the baseline every speed-up is relative to: the plain export
 #: (``model.export``'s ExportArchive SavedModel, float32); it is also a candidate, so the winner is
@@ -189,6 +192,14 @@ RECIPES: tuple[Recipe, ...] = (
            "pruned and distilled, then int8 in XLA", requires=(_xla, _int8_form("xla")), needs_finetune_data=True),
     Recipe("prune-structured+int8-onednn", (S("prune-structured"), S("int8", kernel="onednn")),
            "pruned and distilled, then int8 in oneDNN", requires=(_int8_form("onednn"),), needs_finetune_data=True),
+    # Depth (the DistilBERT recipe): half the transformer layers, kept evenly spread, distilled like the width
+    # recipes. One distillation per group: the +int8 rows reuse the distilled model.
+    Recipe("prune-depth", (_DEPTH,), "half the transformer layers removed (evenly spread kept), distilled",
+           needs_finetune_data=True),
+    Recipe("prune-depth+int8-xla", (_DEPTH, S("int8", kernel="xla")), "half the layers removed and distilled, "
+           "then int8 in XLA", requires=(_xla, _int8_form("xla")), needs_finetune_data=True),
+    Recipe("prune-depth+int8-onednn", (_DEPTH, S("int8", kernel="onednn")), "half the layers removed and distilled, "
+           "then int8 in oneDNN", requires=(_int8_form("onednn"),), needs_finetune_data=True),
     Recipe("tftrt-fp16", (S("export"), S("tftrt", precision="fp16")), "TF-TRT fp16 SavedModel (NVIDIA GPU)",
            requires=(_trt_route("tftrt"),)),
     Recipe("tftrt-int8", (S("export"), S("tftrt", precision="int8")), "TF-TRT int8 SavedModel (NVIDIA GPU)",
