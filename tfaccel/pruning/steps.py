@@ -9,27 +9,28 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import StepError
-from tfaccel.pipeline import Step, StepContext
 from tfaccel.pruning.distillation import DEFAULTS
-from tfaccel.validation import Tolerance
 
 
 def load_finetune_data(data: Any, source) -> tuple[dict[str, np.ndarray], np.ndarray | None, str] | None:
     """Resolve the step's ``data`` argument to ``(inputs, labels or None, description)``, or None
-    for no fine-tuning. ``"auto"`` / None: the source's own training split (``source.train_data``)."""
+    for no fine-tuning. ``"auto"`` / None: the source's own training split (``source.train_split``)."""
     if isinstance(data, str) and data == "none":
         return None
     if data is None or (isinstance(data, str) and data == "auto"):
-        if source.train_data is None:
-            return None
-        inputs, labels = source.train_data.load()
-        return inputs, labels, source.train_data.description
+        split = getattr(source, "train_split", None)  # the source's own training split (built-in examples)
+        if split is not None:
+            inputs, labels = split.load(source.default_seq)
+            return inputs, labels, split.description
+        return None
     if isinstance(data, (str, os.PathLike)):
         # An .npz of model inputs (optional 'labels'), or a .csv / .jsonl of texts (tokenized with the source's
         # tokenizer): the same loader and checks as --eval-data; a bad file raises DataFileError naming it.
-        from tfaccel.eval_data import load_data_file
+        from tfaccel.core.eval_data import load_data_file
 
         loaded = load_data_file(data, source, what="prune-structured fine-tuning data", labels="optional")
         return loaded.inputs, loaded.labels, loaded.description
@@ -80,10 +81,10 @@ class StructuredPruneStep(Step):
             for backbones whose config states ``head_dim`` (Mistral, Gemma, Gemma 3, Qwen 3; others are
             refused at plan time with the reason); grouped-query attention loses whole key/value groups
             (:func:`tfaccel.pruning.structured_pruning.prune_attention_heads`).
-        data: fine-tuning data: ``"auto"`` (the source's own training split, ``source.train_data``, where
+        data: fine-tuning data: ``"auto"`` (the source's own training split, ``source.train_split``, where
             it has one, e.g. minilm-bbc's; otherwise no fine-tuning), ``"none"``, an ``.npz`` path
             (one array per model input, optional ``labels``) or a ``.csv`` / ``.jsonl`` of texts
-            (``text``, optional ``label``; see :mod:`tfaccel.eval_data`), a dict of input arrays, or an
+            (``text``, optional ``label``; see :mod:`tfaccel.core.eval_data`), a dict of input arrays, or an
             ``(inputs, labels)`` tuple.
         epochs, batch_size, learning_rate, temperature, student_loss_weight: distillation settings
             (:func:`tfaccel.pruning.distill`: warm-up then cosine decay from ``learning_rate``; with 160+
