@@ -333,6 +333,22 @@ def test_depth_counts_shares_and_refusals():
         Pipeline([StructuredPruneStep(fraction=0, layers=2)], **FAST).plan(load_source("bert-tiny"))
 
 
+def test_logits_distillation_loss_is_the_softened_kl_divergence(bert_tiny):
+    """The loss distill() gives keras.distillation is KL(teacher || student) of the temperature-softened
+    probabilities times T^2 (LogitsDistillation's default loss string computes it on raw logits in Keras 3.15)."""
+    from tfaccel.pruning.distillation import distillation_loss
+
+    rng = np.random.default_rng(0)
+    teacher, student = rng.normal(0, 3, (8, 3)).astype("float32"), rng.normal(0, 3, (8, 3)).astype("float32")
+    t = 2.0
+    p = np.exp(teacher / t) / np.exp(teacher / t).sum(-1, keepdims=True)
+    q = np.exp(student / t) / np.exp(student / t).sum(-1, keepdims=True)
+    want = float(np.mean(np.sum(p * np.log(p / q), -1)) * t * t)
+    got = float(distillation_loss(bert_tiny.model, t).compute_loss(teacher, student))
+    assert got == pytest.approx(want, rel=1e-4)
+    assert float(distillation_loss(bert_tiny.model, t).compute_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
 def _prune_bert_tiny(seed: int, out: str) -> list[str]:
     """prune-structured (one of 2 layers and half the feed-forward units) on bert-tiny with 160 labelled
     examples: a real distillation with a held-back slice. Writes OUT/model.keras; returns the notes. Also run
@@ -366,7 +382,7 @@ def test_same_seed_gives_the_same_weights_in_another_process(tmp_path):
     assert any("transformer layers 2 -> 1 (kept [0]" in n for n in notes), notes
     assert any("intermediate_dim 64 -> 32 in 1 transformer layers" in n for n in notes), notes
     assert any("distilled on arrays (160 examples, labelled)" in n and "(seed 0)" in n
-               and "on 144 examples" in n and "held-back loss" in n and "on 16 examples" in n for n in notes), notes
+               and "on 144 examples" in n and "held-back distillation loss" in n and "on 16 examples" in n for n in notes), notes
     tests = str(Path(__file__).parent)
     proc = run_python(f"import sys; sys.path.insert(0, {tests!r}); from test_pruning_structured import _prune_bert_tiny; "
                       f"_prune_bert_tiny(0, {str(tmp_path / 'b')!r})")
