@@ -44,10 +44,11 @@ from tfaccel.errors import TfaccelError
 
 #: The fewest held-back examples early stopping is based on; with less data every epoch runs.
 MIN_HOLDOUT = 16
-#: What early stopping watches: the distillation loss on the held-back slice (how far the student is from
-#: the teacher there). Not the total loss: its label term on a few dozen examples is dominated by the ones
-#: the teacher itself gets wrong, and on minilm-bbc it rose after the first epoch for one seed in three
-#: (width and depth alike), which stopped the run at its peak learning rate, 1-2.5 points below the others.
+#: What early stopping watches: the distillation loss on the held-back slice, i.e. how far the student is
+#: from the teacher there, which is what the step is validated on (outputs and accuracy against the original).
+#: Not the total loss: its label term on a few dozen examples is dominated by the few the teacher itself gets
+#: wrong (on minilm-bbc's 40 held-back articles it rose in the second epoch for two seeds of three while the
+#: distillation term fell).
 MONITOR = "val_distillation_loss"
 #: The default recipe (what :func:`distill` and the ``prune-structured`` step use unless told).
 DEFAULTS: dict[str, Any] = {"epochs": 3, "batch_size": 16, "learning_rate": 2e-4, "temperature": 2.0,
