@@ -25,7 +25,6 @@ own ``generate`` and, for steps that export a ``generate_greedy`` signature, tha
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,18 +110,30 @@ class BuildContext:
     log: Callable[[str], None]
     shapes: Sequence[tuple[int, int]] = ((1, 16),)  # checked by Pipeline.plan (e.g. against max length)
     step_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    _builder: Any = None
 
     def make_step(self, name: str):
         return make_step(name, self.step_options)
 
+    @property
+    def builder(self):
+        """The workload's :class:`tfaccel.core.chain.ChainBuilder`: chains share their built prefixes."""
+        if self._builder is None:
+            from tfaccel.core.chain import ChainBuilder
+
+            self._builder = ChainBuilder(self.source, self.work_dir / "chains", self.log)
+        return self._builder
+
     def drop_keras_artifacts(self, keep: Sequence[Sequence[str]] = ()) -> None:
         """Forget in-memory Keras models made by steps (runners keep what they loaded), except those
         of chains that a later row starts with (``keep``: the later rows' step chains)."""
-        needed = {tuple(c[:i]) for c in keep for i in range(1, len(c) + 1)}
-        for key, value in list(self.cache.items()):
-            if isinstance(value, tuple) and getattr(value[0], "kind", None) == "keras" and key[1] not in needed:
-                del self.cache[key]
+        from tfaccel.core.chain import step_key
+
+        needed = set()
+        for chain in keep:
+            keys = [step_key(self.make_step(n)) for n in chain if n in _step_names()]
+            needed |= {tuple(keys[:i]) for i in range(1, len(keys) + 1)}
+        self.builder.forget_keras(needed)
 
 
 @dataclasses.dataclass
@@ -241,47 +252,19 @@ def default_chains() -> list[tuple[str, ...]]:
     return chains
 
 
+def _step_names() -> set[str]:
+    from tfaccel import available_steps
+
+    return set(available_steps())
+
+
 def build_chain(chain: tuple[str, ...], ctx: BuildContext):
-    """The artifact after running ``chain``'s steps, reusing any prefix already built.
-    Returns (artifact, seconds spent on this chain's own last step)."""
-    from tfaccel.core.artifact import Artifact
-
-    if not chain:
-        src = ctx.source
-        return Artifact(kind=src.kind, path=src.path if src.kind != "keras" else None, model=src.model,
-                        dict_inputs=src.dict_inputs, input_names=src.input_names), 0.0
-    key = ("chain", chain)
-    if key in ctx.cache:
-        if isinstance(ctx.cache[key], BaseException):
-            raise RuntimeError(f"not built: step '{chain[-1]}' failed earlier in this workload "
-                               f"({type(ctx.cache[key]).__name__})")
-        return ctx.cache[key]
-    try:
-        return _apply_step(chain, key, ctx)
-    except Exception as exc:
-        ctx.cache[key] = exc
-        raise
-
-
-def _apply_step(chain: tuple[str, ...], key, ctx: BuildContext):
-    from tfaccel import StepContext
-
-    previous, _ = build_chain(chain[:-1], ctx)
-    step = ctx.make_step(chain[-1])
-    stage_dir = ctx.work_dir / ("steps-" + "+".join(chain))
-    if stage_dir.exists():  # a Keras artifact dropped from memory and now made again
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True)
-    notes: list[str] = []
-    sctx = StepContext(source=ctx.source, stage_dir=stage_dir, log=ctx.log, notes=notes)
-    ctx.log(f"  tfaccel step '{step.name}' ({' -> '.join(chain)})")
-    t0 = time.perf_counter()
-    artifact = step.apply(previous, sctx)
-    seconds = time.perf_counter() - t0
-    ctx.log(f"  step '{step.name}' built in {seconds:.1f}s")
-    artifact.info = dict(artifact.info, notes=notes)
-    ctx.cache[key] = (artifact, seconds)
-    return artifact, seconds
+    """The artifact after running ``chain``'s steps (the workload's chain builder reuses any prefix already
+    built; a prefix that failed fails again at once, naming its step). Returns (artifact, seconds of every
+    step of the chain); the steps' notes are in ``artifact.info["notes"]``."""
+    built = ctx.builder.build("+".join(chain) or "reference", [ctx.make_step(n) for n in chain])
+    built.artifact.info = dict(built.artifact.info, notes=list(built.notes))
+    return built.artifact, built.seconds
 
 
 def tfaccel_row(chain: Sequence[str], name: str | None = None) -> RowSpec:
@@ -295,8 +278,7 @@ def tfaccel_row(chain: Sequence[str], name: str | None = None) -> RowSpec:
         steps = planned_chain(chain, ctx)
         if steps[len(chain):] == ("export",) and _produced_kind(chain) in ("onnx_decoder", "tensorrt_decoder"):
             steps = chain  # a decoder row serves its decoder, not the SavedModel plan() appends for the run
-        artifact, _ = build_chain(steps, ctx)
-        total = sum(ctx.cache[("chain", steps[:i])][1] for i in range(1, len(steps) + 1))
+        artifact, total = build_chain(steps, ctx)
         return Built(load=artifact.runner, size_bytes=artifact.size_bytes(), kind=artifact.kind,
                      path=artifact.path, build_seconds=total, notes=list(artifact.info.get("notes", [])),
                      steps=steps)

@@ -195,8 +195,7 @@ def cmd_bench(args) -> int:
         source = ModelSource(name=target, kind="onnx", input_specs=specs, sample_inputs={}, vocab_size=100)
     else:
         source = load_source(target, task=args.task, num_classes=args.num_classes, progress=_log)
-        artifact = Artifact(kind=source.kind, path=source.path if source.kind != "keras" else None,
-                            model=source.model, dict_inputs=source.dict_inputs)
+        artifact = Artifact.of_source(source)
         runner = None
     shapes = _parse_shapes(args.shape) or [(1, source.default_seq)]
     rows = []

@@ -102,6 +102,18 @@ class OnnxStep(Step):
     def params(self):
         return {"opset": self.opset}
 
+    def unavailable(self, caps) -> str:
+        missing = [n for n, v in (("tf2onnx", caps.tf2onnx), ("onnxruntime", caps.onnxruntime)) if not v]
+        return f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})" if missing else ""
+
+    def check(self, source) -> None:
+        """A missing tf2onnx or onnxruntime is found here, before any step runs (MissingDependencyError)."""
+        from tfaccel.compat import require
+
+        require("tf2onnx", purpose="the onnx step (SavedModel -> ONNX)")
+        require("onnxruntime", purpose="checking the ONNX model")
+        super().check(source)
+
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         path = convert_saved_model(artifact.path, ctx.stage_dir / "model.onnx", opset=self.opset, log=ctx.log)
         return Artifact(kind="onnx", path=path, input_names=artifact.input_names, info={"opset": self.opset})

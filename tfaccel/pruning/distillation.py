@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.errors import TfaccelError
+from tfaccel.errors import OverBudget
 
 #: The fewest held-back examples early stopping is based on; with less data every epoch runs.
 MIN_HOLDOUT = 16
@@ -55,13 +55,9 @@ DEFAULTS: dict[str, Any] = {"epochs": 3, "batch_size": 16, "learning_rate": 2e-4
                             "student_loss_weight": 0.5, "warmup": 0.1, "holdout": 0.1, "patience": 1, "seed": 0}
 
 
-class DistillationOverBudget(TfaccelError):
+class DistillationOverBudget(OverBudget):
     """Distillation stopped because its measured step time says it would not finish within
     ``max_seconds`` (raised by :func:`distill`; ``projected_s`` and ``max_seconds`` say by how much)."""
-
-    def __init__(self, message: str, projected_s: float, max_seconds: float):
-        super().__init__(message)
-        self.projected_s, self.max_seconds = projected_s, max_seconds
 
 
 @dataclasses.dataclass

@@ -236,6 +236,13 @@ class Int8Step(_KerasQuantizeStep):
             p["kernel_choice"] = self.kernel_choice
         return p
 
+    def unavailable(self, caps) -> str:
+        if self.requested_kernel in ("onednn", "xla", "keras"):
+            ok, why = caps.int8_kernel_forms()[self.requested_kernel]
+            if not ok:
+                return f"int8 kernel form '{self.requested_kernel}' does not run here: {why}"
+        return ""
+
     def check(self, source) -> None:
         """Refuse, before any work, a kernel form this machine cannot run."""
         from tfaccel.compat import capabilities

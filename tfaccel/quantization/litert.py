@@ -217,6 +217,11 @@ class LiteRTDynamicStep(Step):
         return {"optimizations": ["DEFAULT"], "representative_dataset": None, "weights": "int8 (per channel)",
                 "activations": "float, quantized at run time"}
 
+    def unavailable(self, caps) -> str:
+        from tfaccel.compat import package_version
+
+        return "" if package_version("ai-edge-litert") else "ai-edge-litert is not installed (pip install ai-edge-litert)"
+
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.compat import require
 
