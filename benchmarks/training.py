@@ -83,15 +83,16 @@ def width_depth_table(r: dict) -> list[str]:
     md = [f"minilm-bbc, `prune-structured` width / depth / both (CPU: {r['cpu']}; load average "
           f"{r['load_before']:.1f} before, {r['load_after']:.1f} after; speed-ups are p50 ratios against "
           "`model.export`, all SavedModels timed interleaved in one run; the first seed's models are timed)", "",
-          "| model | params | held-out accuracy per seed (mean) | " + " | ".join(f"{s} vs model.export" for s in shapes)
-          + " |", "|---|---|---|" + "---|" * len(shapes)]
+          "| model | params | held-out accuracy per seed (mean) | step seconds per seed | "
+          + " | ".join(f"{s} vs model.export" for s in shapes) + " |", "|---|---|---|---|" + "---|" * len(shapes)]
     speed = r["speed"]
-    md.append(f"| reference (tfaccel export) | {r['reference_params'] / 1e6:.1f}M | {r['reference_accuracy']:.3f} | "
+    md.append(f"| reference (tfaccel export) | {r['reference_params'] / 1e6:.1f}M | {r['reference_accuracy']:.3f} | - | "
               + " | ".join(f"{speed[s]['export']['speedup']:.2f}x" for s in shapes) + " |")
     for mode, m in r["modes"].items():
         accs = " / ".join(f"{x['accuracy']:.3f}" for x in m["runs"])
+        secs = " / ".join(f"{x['seconds']:.0f}" for x in m["runs"])
         md.append(f"| {mode} ({', '.join(f'{k}={v}' for k, v in m['settings'].items())}) | {m['params'] / 1e6:.1f}M | "
-                  f"{accs} ({m['accuracy_mean']:.3f}) | "
+                  f"{accs} ({m['accuracy_mean']:.3f}) | {secs} | "
                   + " | ".join(f"{speed[s][mode]['speedup']:.2f}x" if mode in speed[s] else "-" for s in shapes) + " |")
     return md
 
@@ -102,7 +103,9 @@ def to_markdown(rows: list[dict], header: str) -> str:
     failed = [r for r in rows if r["status"] != "ok"]
     res = {n: r["result"] for n, r in by.items() if r["status"] == "ok"}
     if any(n.startswith("pruning") for n in res):
-        md += ["### Pruning", "", "| benchmark | result | accuracy (reference) | target | met |", "|---|---|---|---|---|"]
+        md += ["### Pruning", ""]
+    if any(n in res for n in ("pruning-unstructured", "pruning-structured", "pruning-structured-speed")):
+        md += ["| benchmark | result | accuracy (reference) | target | met |", "|---|---|---|---|---|"]
         if "pruning-unstructured" in res:
             r = res["pruning-unstructured"]
             drop = r["accuracy_drop_points"]
@@ -124,8 +127,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
                       f"(of minimums {r['speedup_of_minimums']:.2f}x); params {r['reference_params'] / 1e6:.1f}M -> "
                       f"{r['params'] / 1e6:.1f}M | n/a | >= 1.3x | {'yes' if r['speedup'] >= 1.3 else 'NO'} |")
         md.append("")
-        if "pruning-width-depth" in res:
-            md += width_depth_table(res["pruning-width-depth"]) + [""]
+    if "pruning-width-depth" in res:
+        md += width_depth_table(res["pruning-width-depth"]) + [""]
     dist = [n for n in ("distribute-one-device", "distribute-mirrored-2cpu") if n in res]
     if dist:
         md += ["### Distributed training step time (minilm-bbc classifier, seq 128)", "",
