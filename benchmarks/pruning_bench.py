@@ -5,13 +5,16 @@ real models and time exports, which takes minutes on 2 cores.
   PolynomialDecay schedule takes every Dense/EinsumDense kernel to 50% sparsity. Target: at most
   1 accuracy point lost on the 200 held-out articles. A control run (same fine-tuning, no pruning)
   is reported beside it.
-* :func:`minilm_structured`: half the feed-forward units removed, distilled for two epochs.
+* :func:`minilm_structured`: half the feed-forward units removed, distilled (default recipe).
   Target: at most 2 points lost.
+* :func:`minilm_width_depth`: the ``prune-structured`` step with half the feed-forward units (width),
+  half the transformer layers (depth) and both, over 3 seeds; accuracy on the held-out articles and the
+  SavedModels' speed against ``model.export`` at 1x128 and 32x128, interleaved in one run.
 * :func:`bert_base_structured_speed`: bert-base (seq 128, batch 1) with half its feed-forward units
   removed, both exported with ``export_saved_model`` and timed alternately in one process. Target:
   at least 1.3x faster.
 
-Run all three: ``python benchmarks/pruning_bench.py [OUT.json]``.
+Run them all: ``python benchmarks/pruning_bench.py [OUT.json]``.
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ def minilm_unstructured(sparsity: float = 0.5, epochs: int = 1, frequency: int =
     return row
 
 
-def minilm_structured(fraction: float = 0.5, epochs: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Feed-forward structured pruning of minilm-bbc with distillation.
+def minilm_structured(fraction: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """Feed-forward structured pruning of minilm-bbc with distillation (the default recipe).
 
     Example:
         >>> minilm_structured()["accuracy_drop_points"] <= 2.0  # doctest: +SKIP
@@ -110,14 +113,92 @@ def minilm_structured(fraction: float = 0.5, epochs: int = 2, seed: int = 0) -> 
     inputs, labels = _train_data(source)
     ref = _accuracy(source.model, source)
     small, _ = prune_feedforward(source.model, fraction, inputs={k: v[:64] for k, v in inputs.items()})
-    row: dict[str, Any] = {"benchmark": "minilm-bbc structured", "fraction": fraction, "epochs": epochs,
+    row: dict[str, Any] = {"benchmark": "minilm-bbc structured", "fraction": fraction,
                            "reference_accuracy": ref, "accuracy_before_distillation": _accuracy(small, source),
                            "params": small.count_params(), "reference_params": source.model.count_params()}
-    t0 = time.perf_counter()
-    distill(source.model, small, inputs, labels, epochs=epochs, seed=seed)
-    row["seconds"] = time.perf_counter() - t0
+    result = distill(source.model, small, inputs, labels, seed=seed)
+    row.update(seconds=result.seconds, epochs=result.epochs_run, distillation=result.describe())
     row["accuracy"] = _accuracy(small, source)
     row["accuracy_drop_points"] = 100 * (ref - row["accuracy"])
+    return row
+
+
+#: prune-structured settings of the width / depth / both rows of :func:`minilm_width_depth`.
+PRUNING_MODES: dict[str, dict[str, Any]] = {
+    "width": {"fraction": 0.5},  # half the feed-forward units
+    "depth": {"fraction": 0.0, "layers": 0.5},  # half the transformer layers
+    "both": {"fraction": 0.5, "layers": 0.5},
+}
+
+
+def minilm_width_depth(seeds: tuple[int, ...] = (0, 1, 2), modes: tuple[str, ...] = tuple(PRUNING_MODES),
+                       shapes: tuple[tuple[int, int], ...] = ((1, 128), (32, 128)), runs: int = 20,
+                       out_dir: str | None = None, log=print) -> dict[str, Any]:
+    """Width, depth and both on minilm-bbc: held-out accuracy of the ``prune-structured`` step over
+    ``seeds`` (the step itself, default recipe), then the SavedModels of the first seed's models timed
+    interleaved in one run against ``model.export`` (and tfaccel's export of the unpruned model).
+
+    Example:
+        >>> row = minilm_width_depth(seeds=(0,))  # doctest: +SKIP
+        >>> row["speed"]["1x128"]["depth"]["speedup"]  # doctest: +SKIP
+        1.9
+    """
+    import os
+
+    from tfaccel.compat import capabilities
+    from tfaccel.core.artifact import Artifact, SavedModelRunner
+    from tfaccel.core.step import StepContext
+    from tfaccel.core.timer import time_interleaved
+    from tfaccel.export import export_saved_model
+    from tfaccel.pruning.steps import StructuredPruneStep
+    from tfaccel.sources import load_source
+
+    source = load_source("minilm-bbc")
+    ref = _accuracy(source.model, source)
+    row: dict[str, Any] = {"benchmark": "minilm-bbc width / depth", "reference_accuracy": ref,
+                           "reference_params": source.model.count_params(), "cpu": capabilities().cpu,
+                           "load_before": os.getloadavg()[0], "modes": {}}
+    first: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        for mode in modes:
+            runs_ = []
+            for seed in seeds:
+                stage = Path(tmp) / f"{mode}-{seed}"
+                stage.mkdir()
+                notes: list[str] = []
+                ctx = StepContext(source=source, stage_dir=stage, log=lambda m: None, notes=notes)
+                step = StructuredPruneStep(seed=seed, **PRUNING_MODES[mode])
+                t0 = time.perf_counter()
+                art = step.apply(Artifact(kind="keras", model=source.model, dict_inputs=True,
+                                          input_names=source.input_names), ctx)
+                seconds = time.perf_counter() - t0
+                acc = _accuracy(art.model, source)
+                runs_.append({"seed": seed, "accuracy": acc, "seconds": seconds,
+                              "distilled": next((n for n in notes if n.startswith("distilled")), "")})
+                log(f"{mode} seed {seed}: accuracy {acc:.3f} (reference {ref:.3f}), {seconds:.0f}s")
+                if seed == seeds[0]:
+                    first[mode] = art.model
+                    params = art.model.count_params()
+            accs = [r["accuracy"] for r in runs_]
+            row["modes"][mode] = {"settings": PRUNING_MODES[mode], "params": params, "runs": runs_,
+                                  "accuracy_mean": float(np.mean(accs)), "accuracy_min": min(accs),
+                                  "accuracy_max": max(accs)}
+        paths = {"model.export": Path(tmp) / "keras-export", "export": Path(tmp) / "export"}
+        source.model.export(str(paths["model.export"]), format="tf_saved_model", verbose=False)
+        export_saved_model(source.model, paths["export"])
+        for mode, model in first.items():
+            paths[mode] = Path(tmp) / f"{mode}-export"
+            export_saved_model(model, paths[mode])
+        runners = {name: SavedModelRunner(str(p)) for name, p in paths.items()}
+        row["speed"] = {}
+        for batch, seq in shapes:
+            x = source.make_inputs(batch, seq)
+            timing = time_interleaved(runners, x, seq=seq, runs=runs, warmup=3, max_seconds=60.0)
+            base = timing.measurements["model.export"].p50_ms
+            row["speed"][f"{batch}x{seq}"] = {n: {"p50_ms": m.p50_ms, "speedup": base / m.p50_ms}
+                                              for n, m in timing.measurements.items()}
+            log(f"{batch}x{seq}: " + ", ".join(f"{n} {base / m.p50_ms:.2f}x" for n, m in timing.measurements.items()))
+    row["load_after"] = os.getloadavg()[0]
     return row
 
 
@@ -163,7 +244,7 @@ def bert_base_structured_speed(fraction: float = 0.5, seq: int = 128, batch: int
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     rows = []
-    for fn in (bert_base_structured_speed, minilm_structured, minilm_unstructured):
+    for fn in (bert_base_structured_speed, minilm_structured, minilm_unstructured, minilm_width_depth):
         row = fn()
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -11,9 +11,10 @@ Unstructured magnitude pruning during training (apply / strip / scope)::
 m:n (2:4) sparsity: ``prune_low_magnitude(model, sparsity_m_by_n=(2, 4))``.
 
 Structured pruning that makes the model smaller and faster: :func:`prune_feedforward` removes
-feed-forward units of every transformer layer and rebuilds a smaller keras-hub model;
-:func:`distill` recovers accuracy from the original model; the pipeline step is
-``prune-structured`` (:class:`StructuredPruneStep`).
+feed-forward units of every transformer layer, :func:`prune_layers` removes whole transformer layers
+(the DistilBERT recipe), each rebuilding a smaller keras-hub model; :func:`distill` recovers accuracy
+from the original model, reproducibly (seeded, early stopping on a held-back slice); the pipeline step
+is ``prune-structured`` (:class:`StructuredPruneStep`).
 
 tf_keras (Keras 2) models go through tfmot itself (:mod:`tfaccel.pruning.tfmot_route`), imported
 so that ``tf.keras`` stays Keras 3 for the rest of the process.
@@ -51,7 +52,10 @@ _EXPORTS = {
     "attention_heads": "structured_pruning",
     "head_importance": "structured_pruning",
     "prune_attention_heads": "structured_pruning",
+    "prune_layers": "depth",
+    "transformer_layer_count": "depth",
     "distill": "distillation",
+    "DistillationResult": "distillation",
     "StructuredPruneStep": "steps",
     "import_tfmot": "tfmot_route",
 }

@@ -263,21 +263,31 @@ def feedforward_importance(model, inputs: dict[str, np.ndarray] | None = None, *
     return [(s / max(c, 1)) * w for s, c, w in zip(sums, counts, out_norms, strict=True)]
 
 
-def _rebuild_with_sliced_weights(model, changes: dict[str, Any], sliced: dict[int, np.ndarray]):
-    """A new model with ``changes`` in its backbone config, given the old weights (``sliced[id(var)]``
-    where a weight was cut)."""
+def rebuild_with_config(model, changes: dict[str, Any]):
+    """A new model of the same class (and Task head) whose backbone config has ``changes``; its weights
+    are freshly initialised (the caller copies what it keeps). The preprocessor, if any, is shared.
+
+    Example:
+        >>> rebuild_with_config(model, {"num_layers": 3}).backbone.num_layers  # doctest: +SKIP
+        3
+    """
     import keras_hub
 
     backbone = backbone_of(model)
     new_backbone = type(backbone).from_config({**backbone.get_config(), **changes})
     if isinstance(model, keras_hub.models.Backbone):
-        new_model = new_backbone
-    else:
-        config = model.get_config()
-        config["backbone"] = new_backbone
-        if config.get("preprocessor") is not None:
-            config["preprocessor"] = model.preprocessor
-        new_model = type(model).from_config(config)
+        return new_backbone
+    config = model.get_config()
+    config["backbone"] = new_backbone
+    if config.get("preprocessor") is not None:
+        config["preprocessor"] = model.preprocessor
+    return type(model).from_config(config)
+
+
+def _rebuild_with_sliced_weights(model, changes: dict[str, Any], sliced: dict[int, np.ndarray]):
+    """A new model with ``changes`` in its backbone config, given the old weights (``sliced[id(var)]``
+    where a weight was cut)."""
+    new_model = rebuild_with_config(model, changes)
     old_weights, new_weights = model.weights, new_model.weights
     if len(old_weights) != len(new_weights):
         raise StepError(
