@@ -74,6 +74,9 @@ class DecoderLayout:
         vocabulary_size: logits width; prompt ids must be in ``[0, vocabulary_size)``.
         max_length: the model's longest sequence (prompt + new tokens), None if unbounded (rotary).
         dtype: the cache dtype (``float32``, or ``float16`` for an fp16 graph).
+        cache: ``"stacked"``: one ``past_{i}`` ``[batch, 2, past, kv_heads, head_dim]`` per layer (the graphs
+            traced from TensorFlow); ``"bnsh"``: ``past_key_{i}`` and ``past_value_{i}``
+            ``[batch, kv_heads, past, head_dim]`` (the native graphs of :mod:`tfaccel.onnx.decoder_graph`).
     """
 
     family: str
@@ -83,12 +86,26 @@ class DecoderLayout:
     vocabulary_size: int
     max_length: int | None
     dtype: str = "float32"
+    cache: str = "stacked"
 
     def past_names(self) -> list[str]:
+        if self.cache == "bnsh":
+            return [f"past_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
         return [f"past_{i}" for i in range(self.num_layers)]
 
     def present_names(self) -> list[str]:
-        return [f"present_{i}" for i in range(self.num_layers)]
+        return [n.replace("past_", "present_", 1) for n in self.past_names()]
+
+    def past_shape(self, batch: int, length: int = 0) -> tuple[int, ...]:
+        """The shape of each past tensor for ``batch`` rows and ``length`` positions."""
+        if self.cache == "bnsh":
+            return (batch, self.num_kv_heads, length, self.head_dim)
+        return (batch, 2, length, self.num_kv_heads, self.head_dim)
+
+    @property
+    def past_axis(self) -> int:
+        """The axis of a past tensor that grows by one per decoded token."""
+        return 2
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": LAYOUT_FORMAT, **dataclasses.asdict(self)}

@@ -61,11 +61,18 @@ def gemm_to_matmul(model):
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
     memo: dict = {}
     new_nodes, count = [], 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Gemm" else {}
-        w = _constant(node.input[1], inits, producers, memo) if node.op_type == "Gemm" else None
+        # a weight other nodes read too (the tied embedding of a native graph) stays shared: matmul_to_nbits
+        # quantizes such a Gemm in place
+        shared = node.op_type == "Gemm" and readers.get(node.input[1], 0) > 1
+        w = _constant(node.input[1], inits, producers, memo) if node.op_type == "Gemm" and not shared else None
         if w is None or attrs.get("transA", 0) != 0 or w.ndim != 2:
             new_nodes.append(node)
             continue
@@ -180,40 +187,60 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     return info
 
 
+def _pack_nbits(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """``w [K, N]`` float32 -> (packed ``[N, k_blocks, blob]``, scales ``[N, k_blocks]``, zero points) in
+    MatMulNBits' layout, packed by onnxruntime's own kernel (``quantize_matmul_{4,8}bits``, what
+    ``MatMulNBitsQuantizer`` calls; this avoids the quantizer's extra dependency ``onnx_ir``, which
+    onnxruntime 1.32 does not install)."""
+    from onnxruntime.capi import _pybind_state
+
+    pack = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
+    per_byte = 8 // bits
+    rows, cols = w.shape
+    k_blocks = (rows + block_size - 1) // block_size
+    padded = np.pad(w, ((0, k_blocks * block_size - rows), (0, 0))) if k_blocks * block_size != rows else w
+    packed = np.zeros((cols, k_blocks, block_size // per_byte), dtype=np.uint8)
+    zero_points = np.zeros((cols, (k_blocks + per_byte - 1) // per_byte), dtype=np.uint8)
+    scales = np.zeros((cols, k_blocks), dtype=np.float32)
+    pack(packed, np.ascontiguousarray(padded, dtype=np.float32), scales, zero_points, block_size, cols, rows,
+         symmetric)
+    return packed, scales, zero_points
+
+
 def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bool = True,
                     accuracy_level: int = 4) -> int:
-    """Replace every ``MatMul`` with a 2-D constant weight by ``com.microsoft.MatMulNBits`` (4 or 8 bits), in place.
+    """Replace every weight product by ``com.microsoft.MatMulNBits`` (4 or 8 bits, block-wise scales), in place.
 
-    The weights are packed by onnxruntime's own kernel (``quantize_matmul_4bits``, what
-    ``MatMulNBitsQuantizer`` calls); this avoids the quantizer's extra dependency (``onnx_ir``), which
-    onnxruntime 1.32 does not install. Returns the number of MatMuls replaced.
+    Quantized: ``MatMul`` with a 2-D float initializer, and ``Gemm(x, table, transB=1)`` without bias (the tied LM
+    head of a native graph: the ``[vocab, hidden]`` table already is MatMulNBits' ``[N, K]`` layout). A
+    ``Gather`` reading that same table becomes ``GatherBlockQuantized`` on the same packed integers, so the
+    table is stored once. Returns the number of products replaced.
     """
     from onnx import helper, numpy_helper
-    from onnxruntime.capi import _pybind_state
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8. Received: bits={bits!r}")
-    pack = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
-    per_byte = 8 // bits
-
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    packed_tables: dict[str, tuple[str, str, int]] = {}  # float table -> (packed, gather scales, K)
     new_nodes, count = [], 0
+
+    def weight_of(node):
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            return numpy_helper.to_array(inits[node.input[1]]), False
+        if node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in inits:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
+                return numpy_helper.to_array(inits[node.input[1]]).T, True
+        return None, False
+
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
-            new_nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if w.dtype != np.float32:
+        w, tied = weight_of(node)
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
             new_nodes.append(node)
             continue
         rows, cols = w.shape
-        k_blocks = (rows + block_size - 1) // block_size
-        padded = np.pad(w, ((0, k_blocks * block_size - rows), (0, 0))) if k_blocks * block_size != rows else w
-        packed = np.zeros((cols, k_blocks, block_size // per_byte), dtype=np.uint8)
-        zero_points = np.zeros((cols, (k_blocks + per_byte - 1) // per_byte), dtype=np.uint8)
-        scales = np.zeros((cols, k_blocks), dtype=np.float32)
-        pack(packed, np.ascontiguousarray(padded), scales, zero_points, block_size, cols, rows, symmetric)
+        packed, scales, zero_points = _pack_nbits(w, bits, block_size, symmetric)
         base = f"{node.input[1]}_{count}"
         graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q{bits}"),
                                   numpy_helper.from_array(scales, f"{base}_scales")])
@@ -221,18 +248,54 @@ def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bo
         if not symmetric:
             graph.initializer.append(numpy_helper.from_array(zero_points, f"{base}_zero_points"))
             inputs.append(f"{base}_zero_points")
+        if tied:  # GatherBlockQuantized wants the scales with the packed data's rank
+            graph.initializer.append(numpy_helper.from_array(scales[..., None], f"{base}_gather_scales"))
+            packed_tables[node.input[1]] = (f"{base}_Q{bits}", f"{base}_gather_scales", rows)
         attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
                                           domain="com.microsoft", **attrs))
         count += 1
+    if packed_tables:
+        new_nodes = _gathers_on_packed(new_nodes, graph, packed_tables, bits, block_size, symmetric)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _drop_unused_initializers(model)
     return count
+
+
+def _gathers_on_packed(nodes, graph, packed_tables, bits: int, block_size: int, symmetric: bool):
+    """``Gather(table, ids)`` -> ``GatherBlockQuantized(packed, ids, scales)`` reshaped back to ``[.., K]``."""
+    from onnx import helper, numpy_helper
+
+    out = []
+    for node in nodes:
+        if node.op_type != "Gather" or node.input[0] not in packed_tables:
+            out.append(node)
+            continue
+        packed, scales, k = packed_tables[node.input[0]]
+        ins = [packed, node.input[1], scales]
+        if not symmetric:  # symmetric blocks use the kernels' default zero point (8 for 4 bits, 128 for 8)
+            raise ValueError("A tied embedding table is quantized symmetrically only (no zero points).")
+        base = node.output[0]
+        out.append(helper.make_node("GatherBlockQuantized", ins, [f"{base}_blocks"], name=f"{node.name}_Q{bits}",
+                                    domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=block_size,
+                                    bits=bits))
+        graph.initializer.append(numpy_helper.from_array(np.array([k], np.int64), f"{base}_width"))
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{base}_keep"))
+        out.append(helper.make_node("Shape", [node.input[1]], [f"{base}_ids_shape"], name=f"{base}_ids_shape"))
+        out.append(helper.make_node("Concat", [f"{base}_ids_shape", f"{base}_keep"], [f"{base}_flat_shape"], axis=0,
+                                    name=f"{base}_flat_shape"))
+        out.append(helper.make_node("Reshape", [f"{base}_blocks", f"{base}_flat_shape"], [f"{base}_flat"],
+                                    name=f"{base}_flat"))
+        # the last block may be padded past K
+        out.append(helper.make_node("Slice", [f"{base}_flat", f"{base}_zero", f"{base}_width", f"{base}_keep"],
+                                    list(node.output), name=f"{base}_unpad"))
+        graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{base}_zero"))
+    return out
 
 
 def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
