@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import workloads as wl  # noqa: E402
 
+from tfaccel.core.timer import interleave, time_interleaved  # noqa: E402
+
 _T0 = time.perf_counter()
 # Wall-clock start of the whole run (workers inherit it), so progress lines count from one origin.
 _START_WALL = float(os.environ.get("TFACCEL_BENCH_T0") or time.time())
@@ -41,68 +43,6 @@ _START_WALL = float(os.environ.get("TFACCEL_BENCH_T0") or time.time())
 def log(msg: str) -> None:
     elapsed = time.time() - _START_WALL
     print(f"[{time.strftime('%H:%M:%S')} +{elapsed:6.0f}s] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Timing
-
-
-def measure_interleaved(runners: dict[str, Any], inputs: dict[str, np.ndarray], *, seq: int, runs: int,
-                        warmup: int, max_seconds: float) -> tuple[dict[str, Any], dict[str, str]]:
-    """Time several runners on the same inputs, interleaved.
-
-    Each runner gets a first call (tracing / session setup / XLA compilation) and ``warmup - 1`` more
-    untimed calls. Then rounds follow; in each round every runner makes a block of timed calls (about
-    a second's worth, 1 to 5 calls), preceded by one untimed call when calls are short, so thread pools
-    left spinning by the previous runtime (onnxruntime spins after a run) do not bill the next row.
-    The order of runners rotates every round. A runner stops after ``runs`` timed calls, or once its
-    timed calls add up to ``max_seconds`` (at least 3 calls are always made). A runner that raises is
-    dropped; the others go on.
-
-    Returns (name -> tfaccel.measure.Measurement, name -> error text).
-    """
-    from tfaccel.measure import Measurement
-
-    batch = int(next(iter(inputs.values())).shape[0])
-    names = list(runners)
-    first_ms, est, times, errors = {}, {}, {name: [] for name in names}, {}
-
-    def call(name) -> float:
-        t = time.perf_counter()
-        runners[name](inputs)
-        return (time.perf_counter() - t) * 1000
-
-    for name in names:
-        try:
-            first_ms[name] = last = call(name)
-            for _ in range(max(0, warmup - 1)):
-                last = call(name)
-            est[name] = last / 1000
-        except Exception as exc:
-            errors[name] = _error_text(exc)
-
-    def active(name):
-        done, spent = len(times[name]), sum(times[name]) / 1000
-        return name not in errors and done < runs and not (done >= 3 and spent >= max_seconds)
-
-    rnd = 0
-    while any(active(n) for n in names):
-        order = names[rnd % len(names):] + names[: rnd % len(names)]
-        rnd += 1
-        for name in order:
-            if not active(name):
-                continue
-            block = max(1, min(5, int(1.0 / max(est[name], 1e-6))))
-            try:
-                if est[name] < 0.5:
-                    call(name)
-                for _ in range(min(block, runs - len(times[name]))):
-                    times[name].append(call(name))
-            except Exception as exc:
-                errors[name] = _error_text(exc)
-    out = {name: Measurement.from_times(times[name], batch=batch, seq=seq, warmup=warmup, first_call_ms=first_ms[name])
-           for name in names if name not in errors}
-    return out, errors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,8 +65,8 @@ def _error_text(exc: BaseException) -> str:
 
 def _synthetic_eval(source, n: int) -> None:
     """Quick mode: an eval split of synthetic inputs labelled by the Keras model's own predictions."""
-    from tfaccel.artifacts import KerasRunner
-    from tfaccel.sources import token_sample_inputs
+    from tfaccel.core.artifact import KerasRunner
+    from tfaccel.core.source import token_sample_inputs
 
     inputs = token_sample_inputs(source.input_specs, source.vocab_size, batch=n, seq=32, seed=1)
     out = KerasRunner(source.model, source.dict_inputs)(inputs)
@@ -136,8 +76,8 @@ def _synthetic_eval(source, n: int) -> None:
 
 def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
     import tfaccel
-    from tfaccel.artifacts import KerasRunner
-    from tfaccel.validation import classification_accuracy, compare_outputs
+    from tfaccel.core.artifact import KerasRunner
+    from tfaccel.core.validation import classification_accuracy, compare_outputs
 
     t_start = time.perf_counter()
     log(f"== {w.name}: loading source '{w.source}'")
@@ -230,8 +170,9 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
             f"({args.runs} runs each, at most {args.max_seconds:.0f}s of timed calls per row)")
         inputs = source.make_inputs(batch, seq)
         load_before = _loadavg()
-        ms, errors = measure_interleaved(runners, inputs, seq=seq, runs=args.runs, warmup=args.warmup,
-                                         max_seconds=args.max_seconds)
+        timing = time_interleaved(runners, inputs, seq=seq, runs=args.runs, warmup=args.warmup,
+                                  max_seconds=args.max_seconds)
+        ms, errors = timing.measurements, timing.errors
         result.setdefault("load_average", []).append(
             {"batch": batch, "seq": seq, "before": load_before, "after": _loadavg()})
         for name, err in errors.items():
@@ -273,10 +214,10 @@ def _loadavg() -> float | None:
 def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.GenerationSpec | None = None) -> dict[str, Any]:
     """Time every generation row: each row is built, loaded and warmed up (one untimed generation:
     tracing, session set-up), then the rows' timed whole generations (a quarter of --runs, at least 3)
-    are interleaved, one generation per row in turn, so load from other work on the machine falls on
+    are interleaved by :func:`tfaccel.core.timer.interleave`, one generation per row in turn, so load from other work on the machine falls on
     every row alike. Rows after the first are checked against the first row's tokens. Each row's peak
     resident memory (this process) is sampled from loading it to the end of its warm-up generation."""
-    from tfaccel.measure import PeakRSS
+    from tfaccel.core.measure import PeakRSS
 
     spec = spec or w.generation
     runs = max(3, args.runs // 4)
@@ -327,21 +268,19 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
             gc.collect()
     log(f"-- {w.name}: timing {len(ready)} generation rows interleaved, {runs} generations each")
     load_before = _loadavg()
-    walls: dict[str, list[float]] = {row["name"]: [] for row, _ in ready}
-    for _ in range(runs):
-        for row, gen in list(ready):
-            try:
-                t = time.perf_counter()
-                gen.run()
-                walls[row["name"]].append(time.perf_counter() - t)
-            except Exception as exc:
-                row.update(status="failed", error=f"timed generation failed: {_error_text(exc)}")
-                log(f"   {row['name']}: FAILED: {row['error']}")
-                ready.remove((row, gen))
-    load_after = _loadavg()
     new = spec.batch * spec.new_tokens
+    # Whole generations, one per row in turn (each row was warmed up above); no time limit: every row makes
+    # its `runs` generations.
+    timing = interleave({row["name"]: gen.run for row, gen in ready}, runs=runs, warmup=0, max_seconds=None,
+                        settle_below_s=0, batch=new)
+    load_after = _loadavg()
+    for row, _ in list(ready):
+        if row["name"] in timing.errors:
+            row.update(status="failed", error=f"timed generation failed: {timing.errors[row['name']]}")
+            log(f"   {row['name']}: FAILED: {row['error']}")
+            ready.remove((row, _))
     for row, _ in ready:
-        arr = np.asarray(walls[row["name"]])
+        arr = np.asarray(timing.times_ms[row["name"]]) / 1000
         p50 = float(np.percentile(arr, 50))
         row.update(load_average_before=load_before, load_average_after=load_after, wall_p50_s=p50,
                    wall_p95_s=float(np.percentile(arr, 95)), wall_min_s=float(arr.min()), runs=len(arr),

@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 
 BENCHMARKS = {
-    "pruning-structured-speed": "from tfaccel.pruning.benchmark import bert_base_structured_speed as f; r = f()",
-    "pruning-structured": "from tfaccel.pruning.benchmark import minilm_structured as f; r = f()",
-    "pruning-unstructured": "from tfaccel.pruning.benchmark import minilm_unstructured as f; r = f()",
-    "distribute-one-device": ("from tfaccel.distribute.benchmark import benchmark_step_time as f; "
+    "pruning-structured-speed": "from pruning_bench import bert_base_structured_speed as f; r = f()",
+    "pruning-structured": "from pruning_bench import minilm_structured as f; r = f()",
+    "pruning-unstructured": "from pruning_bench import minilm_unstructured as f; r = f()",
+    "distribute-one-device": ("from distribute_bench import benchmark_step_time as f; "
                               "r = f('minilm', per_replica_batch_size=16, seq=128, steps=10, warmup_steps=3)"),
     "distribute-mirrored-2cpu": ("from tfaccel.distribute.strategy import set_logical_cpus; set_logical_cpus(2); "
-                                 "from tfaccel.distribute.benchmark import benchmark_step_time as f; "
+                                 "from distribute_bench import benchmark_step_time as f; "
                                  "r = f('minilm', per_replica_batch_size=8, seq=128, steps=10, warmup_steps=3)"),
 }
 
@@ -48,7 +48,8 @@ def log(msg: str) -> None:
 
 
 def run_one(name: str, timeout: float) -> dict:
-    code = ("import json, sys\n" + BENCHMARKS[name].replace("; ", "\n") + "\n"
+    code = (f"import json, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+            + BENCHMARKS[name].replace("; ", "\n") + "\n"
             "sys.stdout.write('RESULT ' + json.dumps(r) + '\\n')\n")
     t0 = time.perf_counter()
     try:

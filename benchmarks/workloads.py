@@ -169,7 +169,8 @@ def output_name_mapping(got: list[str], reference: list[str] | None) -> dict[str
 
 def build_keras_export(ctx: BuildContext) -> Built:
     """``model.export(path, format="tf_saved_model")``, served through ``serving_default``."""
-    from tfaccel.artifacts import SavedModelRunner, dir_size, output_names_of
+    from tfaccel.core.artifact import SavedModelRunner, output_names_of
+    from tfaccel.core.files import dir_size
 
     path = ctx.work_dir / "keras-model-export"
     ctx.log("  model.export(path, format='tf_saved_model')")
@@ -243,7 +244,7 @@ def default_chains() -> list[tuple[str, ...]]:
 def build_chain(chain: tuple[str, ...], ctx: BuildContext):
     """The artifact after running ``chain``'s steps, reusing any prefix already built.
     Returns (artifact, seconds spent on this chain's own last step)."""
-    from tfaccel.artifacts import Artifact
+    from tfaccel.core.artifact import Artifact
 
     if not chain:
         src = ctx.source
@@ -350,7 +351,8 @@ def build_auto(ctx: BuildContext) -> Built:
     import subprocess
     import sys
 
-    from tfaccel.artifacts import SavedModelRunner, dir_size
+    from tfaccel.core.artifact import SavedModelRunner
+    from tfaccel.core.files import dir_size
 
     out = ctx.work_dir / "auto-out"
     batch, seq = ctx.shapes[0]
@@ -475,7 +477,7 @@ def runner_generate(chain: tuple[str, ...], **generator_options):
     ``generator_options`` go to the generator (e.g. ``intra_op_threads=1`` for an ONNX decoder)."""
 
     def prepare(ctx: BuildContext, spec: GenerationSpec, prompt: dict[str, np.ndarray]) -> Generator:
-        from tfaccel.artifacts import dir_size
+        from tfaccel.core.files import dir_size
         from tfaccel.generation import load_generator
 
         reason = not_applicable_reason(chain, ctx)

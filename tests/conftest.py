@@ -13,6 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow otherwise reserves nearly all GPU memory at its first GPU op; TensorRT needs some too.
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ is code outside the package (make bench); its helpers are importable in tests by module name.
+sys.path.insert(0, str(REPO / "benchmarks"))
 # Built examples are cached in the repo's .cache unless the caller chose a cache.
 os.environ.setdefault("TFACCEL_CACHE", str(REPO / ".cache"))
 

@@ -15,7 +15,7 @@ from conftest import run_cli, run_python
 
 from tfaccel.auto import Recipe, StepSpec, optimize_auto, plan_candidates
 from tfaccel.compat import override_capabilities
-from tfaccel.validation import Tolerance
+from tfaccel.core.validation import Tolerance
 
 
 def _runnable(plan) -> list[str]:
@@ -105,8 +105,8 @@ def test_unknown_recipe_and_format_are_plan_errors():
 def labelled_tiny(bert_tiny):
     """bert-tiny with a labelled eval split: 64 synthetic sequences labelled by the model itself, so the
     reference is 100% accurate and every changed prediction costs 1.56 points."""
-    from tfaccel.artifacts import KerasRunner
-    from tfaccel.sources import token_sample_inputs
+    from tfaccel.core.artifact import KerasRunner
+    from tfaccel.core.source import token_sample_inputs
 
     inputs = token_sample_inputs(bert_tiny.input_specs, bert_tiny.vocab_size, batch=64, seq=16, seed=1)
     logits = KerasRunner(bert_tiny.model, bert_tiny.dict_inputs)(inputs)["logits"]
@@ -266,10 +266,10 @@ def test_timing_stops_a_clearly_slower_runner_but_never_a_kept_one():
 
 
 def test_distillation_stops_when_its_measured_steps_would_not_fit(bert_tiny):
+    from tfaccel.core.source import token_sample_inputs
     from tfaccel.pruning import distill
     from tfaccel.pruning.distillation import DistillationOverBudget
     from tfaccel.pruning.structured_pruning import prune_feedforward
-    from tfaccel.sources import token_sample_inputs
 
     small, _ = prune_feedforward(bert_tiny.model, 0.5, method="weight")
     x = token_sample_inputs(bert_tiny.input_specs, bert_tiny.vocab_size, batch=64, seq=16, seed=2)

@@ -9,7 +9,7 @@ from conftest import run_cli
 from test_pipeline import FAST, ScaleHeadStep
 
 from tfaccel import Pipeline, PlanError
-from tfaccel.artifacts import KerasRunner
+from tfaccel.core.artifact import KerasRunner
 
 
 @pytest.mark.parametrize("steps,message", [

@@ -145,8 +145,8 @@ def ort_int8_by_branch(onnx_model, tmp_path_factory):
 
 
 def test_ort_int8_settings_follow_the_cpu_and_hold_accuracy_here(bert_tiny, onnx_model, ort_int8_by_branch):
-    from tfaccel.artifacts import OnnxRunner
     from tfaccel.onnx import OrtInt8Step
+    from tfaccel.onnx.onnx_runner import OnnxRunner
 
     here = OrtInt8Step().settings()
     print("ort-int8 settings on this CPU:", here)
@@ -194,7 +194,7 @@ def qdq_model(bert_tiny, onnx_model, tmp_path_factory):
 
 
 def test_qdq_check_runs_fused_only_where_that_is_exact(bert_tiny, onnx_model, qdq_model):
-    from tfaccel.artifacts import OnnxRunner
+    from tfaccel.onnx.onnx_runner import OnnxRunner
     from tfaccel.tensorrt import TensorRTStep
     from tfaccel.tensorrt.onnx_precision import qdq_check_runner
 
@@ -213,7 +213,7 @@ def test_qdq_check_runs_fused_only_where_that_is_exact(bert_tiny, onnx_model, qd
 @needs_qemu
 def test_qdq_check_is_exact_on_an_emulated_zen3_only_unfused(bert_tiny, onnx_model, qdq_model, tmp_path):
     np.savez(tmp_path / "x.npz", **bert_tiny.sample_inputs)
-    code = (EMULATED_PREAMBLE + "from tfaccel.artifacts import OnnxRunner\n"
+    code = (EMULATED_PREAMBLE + "from tfaccel.onnx.onnx_runner import OnnxRunner\n"
             "from tfaccel.compat import cpu_features, has_vnni\n"
             "ref = OnnxRunner(sys.argv[2])(x)['logits']\n"
             "print(json.dumps({'vnni': has_vnni(cpu_features()),\n"

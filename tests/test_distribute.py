@@ -460,7 +460,7 @@ def test_workers_do_not_outlive_a_killed_launcher(tmp_path):
 
 
 def test_benchmark_step_time_returns_a_row():
-    from tfaccel.distribute.benchmark import benchmark_step_time
+    from distribute_bench import benchmark_step_time
 
     row = benchmark_step_time("tiny", per_replica_batch_size=4, seq=16, steps=3, warmup_steps=1)
     assert row["replicas"] >= 1 and row["global_batch"] == 4 * row["replicas"]

@@ -9,9 +9,9 @@ import pytest
 from conftest import run_cli
 
 from tfaccel import Pipeline, SourceError, Step, Tolerance, ValidationError, load_source
-from tfaccel.artifacts import Artifact, KerasRunner
+from tfaccel.core.artifact import Artifact, KerasRunner
+from tfaccel.core.eval_data import load_data_file
 from tfaccel.errors import DataFileError
-from tfaccel.eval_data import load_data_file
 
 N = 24
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
@@ -272,7 +272,7 @@ def test_minilm_bbc_texts_with_class_names_match_the_examples_own_tokens_and_lab
 
 def test_cli_train_data_becomes_prune_structureds_data_option(good_npz):
     from tfaccel.cli import _data_options, build_parser
-    from tfaccel.pipeline import step_from_spec
+    from tfaccel.steps import step_from_spec
 
     args = build_parser().parse_args(["optimize", "bert-tiny", "--steps", "export,prune-structured@reference",
                                       "--train-data", str(good_npz), "--out", "unused"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from tfaccel.artifacts import KerasRunner, SavedModelRunner
+from tfaccel.core.artifact import KerasRunner, SavedModelRunner
 from tfaccel.export import export_saved_model
 from tfaccel.servable import ServabilityError, check_servable
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tfaccel import Pipeline, StepError
-from tfaccel.artifacts import KerasRunner
+from tfaccel.core.artifact import KerasRunner
 
 FAST = {"shapes": [(1, 16)], "runs": 2, "warmup": 1, "measure": False, "log": lambda m: None}
 

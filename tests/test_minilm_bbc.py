@@ -24,8 +24,8 @@ def test_bbc_split_is_fixed_and_uses_sorted_labels():
 
 
 def test_fine_tuned_minilm_classifies_held_out_bbc_articles(minilm_bbc):
-    from tfaccel.artifacts import KerasRunner
-    from tfaccel.validation import classification_accuracy
+    from tfaccel.core.artifact import KerasRunner
+    from tfaccel.core.validation import classification_accuracy
 
     assert minilm_bbc.model.backbone.num_layers == 6 and minilm_bbc.model.backbone.hidden_dim == 384
     acc = classification_accuracy(KerasRunner(minilm_bbc.model), minilm_bbc.eval_inputs, minilm_bbc.eval_labels)

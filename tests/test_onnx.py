@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 
 from tfaccel import StepError
-from tfaccel.artifacts import KerasRunner, OnnxRunner
+from tfaccel.core.artifact import KerasRunner
 from tfaccel.onnx import convert_saved_model, quantize_dynamic_int8
 from tfaccel.onnx.onnx_convert import _unsupported_ops
+from tfaccel.onnx.onnx_runner import OnnxRunner
 
 
 def test_onnx_matches_keras_with_dynamic_shapes(bert_tiny, onnx_model):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tfaccel import Pipeline
-from tfaccel.artifacts import KerasRunner, OnnxRunner
+from tfaccel.core.artifact import KerasRunner
+from tfaccel.onnx.onnx_runner import OnnxRunner
 
 FAST = {"shapes": [(1, 16)], "runs": 2, "warmup": 1, "measure": False, "log": lambda m: None}
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tfaccel import Pipeline, PlanError, Step, TfaccelError, Tolerance, ValidationError, get_step
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
 
 
 class ScaleHeadStep(Step):

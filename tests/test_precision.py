@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tfaccel import Pipeline
-from tfaccel.artifacts import KerasRunner
+from tfaccel.core.artifact import KerasRunner
 from tfaccel.precision import (
     NonFiniteGuard,
     apply_mixed_precision,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tfaccel import Pipeline, StepError, Tolerance
-from tfaccel.artifacts import KerasRunner
+from tfaccel.core.artifact import KerasRunner
 from tfaccel.pruning import StructuredPruneStep, feedforward_importance, prune_feedforward
 from tfaccel.pruning.structured_pruning import backbone_of, feedforward_layers
 
@@ -180,9 +180,9 @@ def _tiny_gemma_mqa():
 # (heads, hidden, head_dim)), and multi-query attention (Gemma, 1 key/value head) losing query heads.
 @pytest.mark.parametrize("family", ["mistral", "gemma", "gemma-mqa"])
 def test_fewer_heads_compute_exactly_what_the_original_computes_without_the_removed_heads(family):
+    from tfaccel.core.source import source_from_keras_model
     from tfaccel.examples.families import tiny_source
     from tfaccel.pruning.structured_pruning import attention_heads, prune_attention_heads
-    from tfaccel.sources import source_from_keras_model
 
     src = source_from_keras_model(_tiny_gemma_mqa(), "gemma-mqa") if family == "gemma-mqa" else tiny_source(family)
     model = src.model
@@ -252,7 +252,7 @@ def test_minilm_bbc_structured_half_ff_with_distillation_loses_at_most_2_points(
 
 @pytest.mark.large
 def test_minilm_bbc_50_percent_magnitude_sparsity_during_fine_tuning_loses_at_most_1_point(minilm_bbc):
-    from tfaccel.pruning.benchmark import minilm_unstructured
+    from pruning_bench import minilm_unstructured
 
     # A copy of the fine-tuned classifier is pruned while it fine-tunes one more epoch (25 steps of 16,
     # seq 128) on the 400 training articles: PolynomialDecay takes every Dense/EinsumDense kernel to 50%

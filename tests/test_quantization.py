@@ -6,7 +6,8 @@ import pytest
 from conftest import run_python
 
 from tfaccel import Pipeline, PlanError, StepError
-from tfaccel.artifacts import KerasRunner, SavedModelRunner
+from tfaccel.core.artifact import KerasRunner, SavedModelRunner
+from tfaccel.core.validation import _cosines
 from tfaccel.export import ExportStep
 from tfaccel.quantization import (
     Int4Step,
@@ -18,7 +19,6 @@ from tfaccel.quantization import (
 )
 from tfaccel.quantization.int8_kernels import einsum_as_matmul
 from tfaccel.servable import check_servable
-from tfaccel.validation import _cosines
 
 
 def test_config_validates_names_the_value_and_round_trips():

@@ -16,11 +16,11 @@ import pytest
 from conftest import run_python
 
 from tfaccel import Pipeline, load_source
-from tfaccel.artifacts import KerasRunner, SavedModelRunner
+from tfaccel.core.artifact import KerasRunner, SavedModelRunner
+from tfaccel.core.validation import compare_outputs
 from tfaccel.export import export_saved_model
 from tfaccel.saved_model import stored_values, write_saved_model
 from tfaccel.servable import check_servable
-from tfaccel.validation import compare_outputs
 from tfaccel.xla import write_xla_saved_model
 from tfaccel.xla.xla_export import write_xla_saved_model_from_saved_model
 
@@ -72,7 +72,7 @@ def test_each_weight_is_stored_once(written, name):
 
 
 def test_single_copy_savedmodels_are_smaller_than_model_export(written):
-    from tfaccel.artifacts import dir_size
+    from tfaccel.core.files import dir_size
 
     assert dir_size(written["export"][0]) < dir_size(written["model_export"])
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tfaccel import InputMismatchError, SourceError, load_source
-from tfaccel.artifacts import KerasRunner
+from tfaccel.core.artifact import KerasRunner
 
 
 def test_bert_tiny_example_has_named_token_inputs_with_padding(bert_tiny):

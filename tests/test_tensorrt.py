@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from tfaccel import InputMismatchError, MissingDependencyError, Pipeline, Step, StepError, Tolerance
-from tfaccel.artifacts import OnnxRunner
 from tfaccel.compat import tf_tensorrt_enabled
+from tfaccel.onnx.onnx_runner import OnnxRunner
 from tfaccel.tensorrt import (
     ParserIssue,
     ShapeProfile,
@@ -354,11 +354,11 @@ def test_fp16_and_int8_onnx_keep_accuracy_on_held_out_bbc_news(minilm_bbc, tmp_p
     int8 is calibrated on BBC training articles, as a user would, and scored on the 200 held-out ones."""
     import keras_hub
 
+    from tfaccel.core.validation import classification_accuracy
     from tfaccel.examples import bbc_news
     from tfaccel.examples.builders import MINILM_SEQ, minilm_dir
     from tfaccel.export import export_saved_model
     from tfaccel.onnx import convert_saved_model
-    from tfaccel.validation import classification_accuracy
 
     export_saved_model(minilm_bbc.model, tmp_path / "sm")
     fp32 = convert_saved_model(tmp_path / "sm", tmp_path / "model.onnx")

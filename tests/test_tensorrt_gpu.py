@@ -15,8 +15,9 @@ import pytest
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 from tfaccel import InputMismatchError, Pipeline, StepError  # noqa: E402
-from tfaccel.artifacts import KerasRunner, OnnxRunner  # noqa: E402
 from tfaccel.compat import tf_tensorrt_enabled  # noqa: E402
+from tfaccel.core.artifact import KerasRunner
+from tfaccel.onnx.onnx_runner import OnnxRunner  # noqa: E402
 from tfaccel.tensorrt import (  # noqa: E402
     ShapeProfile,
     TensorRTStep,

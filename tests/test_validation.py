@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tfaccel import Tolerance, ValidationError
-from tfaccel.validation import classification_accuracy, compare_outputs
+from tfaccel.core.validation import classification_accuracy, compare_outputs
 
 
 def test_identical_outputs_compare_as_equal():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tfaccel import Pipeline, load_source
-from tfaccel.artifacts import KerasRunner, SavedModelRunner
+from tfaccel.core.artifact import KerasRunner, SavedModelRunner
 from tfaccel.servable import check_servable
 from tfaccel.xla import bucket_for, write_xla_saved_model
 from tfaccel.xla.xla_export import validate_buckets

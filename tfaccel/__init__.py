@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 from tfaccel.auto import optimize, optimize_auto
 from tfaccel.compat import capabilities
+from tfaccel.core.source import ModelSource
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import (
     InputMismatchError,
     MissingDependencyError,
@@ -23,10 +26,9 @@ from tfaccel.errors import (
     TfaccelError,
     ValidationError,
 )
-from tfaccel.pipeline import Pipeline, Step, StepContext
-from tfaccel.sources import ModelSource, load_source
+from tfaccel.pipeline import Pipeline
+from tfaccel.sources import load_source
 from tfaccel.steps import available_steps, get_step
-from tfaccel.validation import Tolerance
 
 __all__ = [
     "InputMismatchError",

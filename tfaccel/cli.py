@@ -52,7 +52,7 @@ def cmd_steps(args) -> int:
 
 
 def _parse_shapes(values):
-    from tfaccel.measure import parse_shape
+    from tfaccel.core.measure import parse_shape
 
     return [parse_shape(v) for v in (values or [])]
 
@@ -81,8 +81,8 @@ _CALIBRATING_STEPS = ("tftrt", "tensorrt")
 def _data_options(args, names: list[str], options: dict[str, dict]) -> str | None:
     """Check the data-file options against --steps; give --train-data to prune-structured as data=.
     Returns the eval file (--eval-data or --eval-texts)."""
-    from tfaccel.eval_data import NPZ_SUFFIXES, TEXT_SUFFIXES
-    from tfaccel.pipeline import parse_step_spec
+    from tfaccel.core.eval_data import NPZ_SUFFIXES, TEXT_SUFFIXES
+    from tfaccel.core.step import parse_step_spec
 
     if args.eval_data and args.eval_texts:
         raise ValueError("Pass either --eval-data (an .npz) or --eval-texts (a .csv / .jsonl), not both.")
@@ -150,8 +150,10 @@ def cmd_optimize(args) -> int:
     if given:
         raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --auto; "
                          "--steps runs use each step's own tolerance.")
-    from tfaccel.pipeline import Pipeline, parse_step_spec, step_from_spec
+    from tfaccel.core.step import parse_step_spec
+    from tfaccel.pipeline import Pipeline
     from tfaccel.sources import load_source
+    from tfaccel.steps import step_from_spec
 
     names = [s.strip() for s in args.steps.split(",") if s.strip()]
     options = _parse_step_options(args.set)
@@ -175,8 +177,9 @@ def cmd_optimize(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from tfaccel.artifacts import Artifact
-    from tfaccel.measure import PeakRSS, time_runner
+    from tfaccel.core.artifact import Artifact
+    from tfaccel.core.measure import PeakRSS
+    from tfaccel.core.timer import time_runner
     from tfaccel.sources import load_source
 
     target = args.model
@@ -185,7 +188,7 @@ def cmd_bench(args) -> int:
             raise FileNotFoundError(f"{target!r} does not exist.")
         artifact = Artifact(kind="onnx", path=target)
         runner = artifact.runner()
-        from tfaccel.sources import InputSpec, ModelSource
+        from tfaccel.core.source import InputSpec, ModelSource
 
         specs = [InputSpec(i.name, "int32" if "int" in i.type else "float32", (None, None))
                  for i in runner.session.get_inputs()]

@@ -14,6 +14,11 @@ class DataFileError(SourceError):
     empty, or its names, dtypes, lengths or labels do not fit the model. The message names the file."""
 
 
+class OutputError(TfaccelError):
+    """An output path cannot be written or replaced (it exists, is a file, is not tfaccel's to replace, its
+    parent is missing or read-only). Nothing was written."""
+
+
 class InputMismatchError(TfaccelError):
     """Sample inputs do not match the model's input names, dtypes or ranks."""
 

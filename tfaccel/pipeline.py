@@ -11,145 +11,27 @@ Layout of an output folder::
 
 from __future__ import annotations
 
-import abc
-import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
 
-from tfaccel.artifacts import KIND_NAMES, Artifact
+from tfaccel.core.artifact import Artifact, kind_name
+from tfaccel.core.files import StagedOutput, link_tree
+from tfaccel.core.measure import PeakRSS
+from tfaccel.core.report import Report, StageResult
+from tfaccel.core.source import ModelSource
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.timer import time_runner
+from tfaccel.core.validation import BREACH_POLICIES, classification_accuracy, compare_outputs
 from tfaccel.errors import PlanError, StepError, TfaccelError, ValidationError
-from tfaccel.measure import PeakRSS, time_runner
-from tfaccel.report import Report, StageResult
-from tfaccel.sources import ModelSource
-from tfaccel.validation import BREACH_POLICIES, Tolerance, classification_accuracy, compare_outputs
-
-
-@dataclasses.dataclass
-class StepContext:
-    """What a step sees besides its input artifact."""
-
-    source: ModelSource
-    stage_dir: Path
-    log: Callable[[str], None]
-    notes: list[str] = dataclasses.field(default_factory=list)
-    #: (batch, sequence) pairs the run measures at: steps that choose a form by timing use them.
-    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    #: Set by a step that runs on hardware without native support for it (e.g. bfloat16 emulated on an
-    #: AVX2 CPU): once the stage is measured, the pipeline adds a note with the slowdown it measured.
-    hardware_warning: str | None = None
-    #: ``time.perf_counter()`` value by which a step should be done, or None (no limit). Steps with
-    #: long work they can size or stop use it (``prune-structured``'s distillation stops when its
-    #: measured step time says it would not finish: ``--auto``'s time budget).
-    deadline: float | None = None
-
-    def note(self, message: str) -> None:
-        """Record a note (a warning or a fact) for this stage's row in the report."""
-        self.notes.append(message)
-        self.log(f"  note: {message}")
-
-    def warn_hardware(self, reason: str) -> None:
-        """Flag this stage as running without native hardware support (see ``hardware_warning``)."""
-        self.hardware_warning = reason
-        self.note(f"WARNING: {reason}; the measured slowdown follows the timing")
-
-
-class Step(abc.ABC):
-    """One technique applied to an artifact.
-
-    Subclasses set ``name``, ``consumes`` and ``produces`` (artifact kinds: "keras", "saved_model",
-    "onnx"), ``default_tolerance``, and implement :meth:`apply`, which writes its artifact into
-    ``ctx.stage_dir`` and returns it.
-
-    Args:
-        tolerance: limits against the reference; defaults to the step's ``default_tolerance``.
-        on_breach: "fail" (raise), "warn" (keep the stage, flag it) or "skip" (drop it and go on);
-            None takes the pipeline's policy.
-    """
-
-    name: ClassVar[str]
-    consumes: ClassVar[str] = "keras"
-    produces: ClassVar[str] = "keras"
-    default_tolerance: ClassVar[Tolerance] = Tolerance()
-    #: True for side artifacts (ONNX...) that do not become the final SavedModel.
-    side_artifact: ClassVar[bool] = False
-    #: True if the SavedModel this step gives holds quantized weights/ops that conversions (onnx,
-    #: litert-dynamic) cannot take; artifacts recording ``info["quantization"]`` (int8, int4) count too.
-    quantized_output: ClassVar[bool] = False
-    #: The earlier stage this step starts from (``STEP@FROM``: a step name or "reference"); None
-    #: takes the default input (see :class:`Pipeline`).
-    start_from: str | None = None
-
-    def __init__(self, tolerance: Tolerance | None = None, on_breach: str | None = None):
-        if on_breach is not None and on_breach not in BREACH_POLICIES:
-            raise ValueError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
-        self.tolerance = tolerance or self.default_tolerance
-        self.on_breach = on_breach
-
-    @abc.abstractmethod
-    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
-        """Produce the next artifact from ``artifact``, writing it under ``ctx.stage_dir``."""
-
-    def check(self, source: ModelSource) -> None:
-        """Raise a TfaccelError if this step cannot run on ``source`` here (a missing optional package,
-        no GPU, a TensorFlow build without a feature, settings that do not fit the source).
-        :meth:`Pipeline.plan` calls it for every step before any step runs; the default accepts all."""
-        return None
-
-    def params(self) -> dict[str, Any]:
-        """The step's settings, as recorded in the report."""
-        return {}
-
-    def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "tolerance": self.tolerance.get_config(), "on_breach": self.on_breach, **self.params()}
-
-    @property
-    def spec(self) -> str:
-        """The step as written in ``--steps``: ``name`` or ``name@from``."""
-        return f"{self.name}@{self.start_from}" if self.start_from else self.name
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.params()})"
+from tfaccel.steps import get_step, producers_of, step_from_spec
 
 
 def _default_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def parse_step_spec(spec: str) -> tuple[str, str | None]:
-    """Split ``"litert-dynamic@export"`` into ``("litert-dynamic", "export")``; ``"onnx"`` gives ``("onnx", None)``.
-
-    Raises:
-        PlanError: an empty name or an empty FROM (``"onnx@"``), or more than one ``@``.
-    """
-    name, sep, start = spec.strip().partition("@")
-    name, start = name.strip(), start.strip()
-    if not name or (sep and (not start or "@" in start)):
-        raise PlanError(
-            f"Bad step {spec!r}: write STEP or STEP@FROM, where FROM is an earlier step's name or 'reference' "
-            "(e.g. litert-dynamic@export)."
-        )
-    return name, (start if sep else None)
-
-
-def step_from_spec(spec: str, **options: Any) -> Step:
-    """A step object from ``"name"`` or ``"name@from"`` (see :func:`tfaccel.get_step` for ``options``).
-
-    Example:
-        >>> step_from_spec("litert-dynamic@export").start_from
-        'export'
-    """
-    from tfaccel.steps import get_step
-
-    name, start = parse_step_spec(spec)
-    step = get_step(name, **options)
-    step.start_from = start
-    return step
 
 
 def _a(noun: str) -> str:
@@ -224,11 +106,8 @@ class Pipeline:
     def plan(self, source: ModelSource) -> list[Step]:
         """Check that every step gets the artifact kind it consumes; append an export if the last
         Keras model would otherwise not reach a SavedModel. Raises PlanError before any work."""
-        from tfaccel.steps import get_step
-
         for step in self.steps:  # a step taking several artifact kinds (xla) picks the one this source gives
-            if hasattr(step, "consumes_for"):
-                step.consumes = step.consumes_for(source)
+            step.bind(source)
         limit = source.max_sequence_length
         for batch, seq in self.shapes:
             if limit and seq > limit:
@@ -241,16 +120,14 @@ class Pipeline:
         start_index = self.start_indices(source)
         for i, step in enumerate(self.steps, 1):
             if i not in start_index and step.consumes not in have:  # STEP@FROM was checked by start_indices
-                from tfaccel.steps import producers_of
-
                 fix = {"saved_model": "add 'export' before it", "onnx": "add 'onnx' before it",
                        "keras": "start from a Keras model (.keras file, preset folder or example name)"}
                 makers = producers_of(step.consumes)
                 fix.setdefault(step.consumes, f"add {' or '.join(repr(m) for m in makers) or 'a step that makes one'}"
                                               " before it")
                 raise PlanError(
-                    f"Step {i} '{step.name}' needs a {KIND_NAMES[step.consumes]}, but nothing before it produces "
-                    f"one (the source is a {KIND_NAMES[source.kind]}): {fix[step.consumes]}."
+                    f"Step {i} '{step.name}' needs a {kind_name(step.consumes)}, but nothing before it produces "
+                    f"one (the source is a {kind_name(source.kind)}): {fix[step.consumes]}."
                 )
             have.add(step.produces)
             if not step.side_artifact:
@@ -277,7 +154,7 @@ class Pipeline:
                 later = [j for j, (n, _) in enumerate(names) if j > i and n == step.start_from]
                 where = (f"'{step.start_from}' is step {later[0]}, after it" if later
                          else f"there is no step '{step.start_from}' in the list")
-                avail = ", ".join(f"{n} ({KIND_NAMES[k]})" for _, n, k in earlier)
+                avail = ", ".join(f"{n} ({kind_name(k)})" for _, n, k in earlier)
                 raise PlanError(
                     f"Step {i} '{step.spec}' starts from '{step.start_from}', but {where}. FROM must name an earlier "
                     f"step or 'reference'; before step {i} there are: {avail}."
@@ -288,9 +165,9 @@ class Pipeline:
                 fits = [f"{n}" + (f" (step {jj})" if jj else "") for jj, n, k in earlier if k == step.consumes]
                 raise PlanError(
                     f"Step {i} '{step.spec}' starts from '{step.start_from}'" + (f" (step {j})" if j else "")
-                    + f", which gives {_a(KIND_NAMES[kind])}; '{step.name}' needs {_a(KIND_NAMES[step.consumes])}. "
+                    + f", which gives {_a(kind_name(kind))}; '{step.name}' needs {_a(kind_name(step.consumes))}. "
                     + (f"Stages before it that give one: {', '.join(fits)}." if fits
-                       else f"No stage before it gives {_a(KIND_NAMES[step.consumes])}.")
+                       else f"No stage before it gives {_a(kind_name(step.consumes))}.")
                 )
             out[i] = j
         return out
@@ -299,23 +176,13 @@ class Pipeline:
     def run(self, source: ModelSource, out_dir: str | os.PathLike, overwrite: bool = False) -> Report:
         """Run every step and write OUT. OUT appears (or replaces an old one, with ``overwrite``)
         only if the whole run succeeds; a failed run leaves no partial output."""
-        out = Path(out_dir).absolute()
-        if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-            raise TfaccelError(
-                f"Output folder {str(out)!r} already exists and is not empty. Choose another --out or pass "
-                "--overwrite (it is replaced only if the new run succeeds)."
-            )
-        if not out.parent.exists():
-            raise TfaccelError(f"The parent folder of --out, {str(out.parent)!r}, does not exist. Create it first.")
+        staged = StagedOutput(out_dir, overwrite=overwrite, protect=[source.path])
+        staged.check()  # before the plan and any work
         steps = self.plan(source)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            report = self._run(source, steps, work)
-            report.write(work)
-            _replace_dir(work, out)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        with staged:
+            report = self._run(source, steps, staged.path)
+            report.write(staged.path)
+            out = staged.commit()
         report.out_dir = str(out)
         self.log(f"wrote {out}/report.md and {out}/report.json")
         return report
@@ -331,8 +198,7 @@ class Pipeline:
                 f"{what.capitalize()} data: {desc}." for what, desc in source.data_files.items()]).strip(),
             shapes=[list(s) for s in self.shapes], capabilities=caps.to_dict(),
         )
-        reference = Artifact(kind=source.kind, path=source.path if source.kind != "keras" else None,
-                             model=source.model, dict_inputs=source.dict_inputs, input_names=source.input_names)
+        reference = Artifact.of_source(source)
         self.log(f"[0/{len(steps)}] reference: {source.name} ({source.kind})")
         ref_stage = StageResult(index=0, step="reference", kind=source.kind, path=None, params={},
                                 size_bytes=reference.size_bytes(), status="ok")
@@ -359,7 +225,7 @@ class Pipeline:
         start_index = self.start_indices(source)
         for i, step in enumerate(steps, 1):
             label = f"[{i}/{len(steps)}] {step.spec}"
-            self.log(f"{label}: {KIND_NAMES[step.consumes]} -> {KIND_NAMES[step.produces]}")
+            self.log(f"{label}: {kind_name(step.consumes)} -> {kind_name(step.produces)}")
             if i in start_index:
                 parent = done.get(start_index[i])
             elif step.side_artifact and step.consumes == "saved_model" and latest_float is not None:
@@ -367,10 +233,10 @@ class Pipeline:
             else:
                 parent = latest.get(step.consumes)
             if parent is None:  # the stage that would have made its input was skipped
-                self.log(f"  skipped: no {KIND_NAMES[step.consumes]} (the stage producing it was skipped)")
+                self.log(f"  skipped: no {kind_name(step.consumes)} (the stage producing it was skipped)")
                 report.stages.append(StageResult(
                     index=i, step=step.name, kind=step.produces, path=None, params=step.params(), status="skipped",
-                    notes=[f"not run: its input ({KIND_NAMES[step.consumes]}) was skipped"],
+                    notes=[f"not run: its input ({kind_name(step.consumes)}) was skipped"],
                     parent=start_index.get(i)))
                 continue
             parent_index = index_of[id(parent)]
@@ -455,7 +321,7 @@ class Pipeline:
             if artifact.kind == "saved_model" and not step.side_artifact:
                 final_saved_model = final_dir
         if final_saved_model is not None and final_saved_model.is_relative_to(work):
-            _link_tree(final_saved_model, work / "saved_model")
+            link_tree(final_saved_model, work / "saved_model")
             report.final_saved_model = "saved_model"
         elif final_saved_model is not None:  # the source itself was a SavedModel and no step replaced it
             report.final_saved_model = str(final_saved_model)
@@ -485,28 +351,3 @@ def _note_measured_slowdown(ctx: StepContext, stage: StageResult, parent: StageR
               for m in stage.measurements if before.get((m["batch"], m["seq"])) and m["p50_ms"]]
     if ratios:
         ctx.note(f"measured on this machine ({ctx.hardware_warning}): " + ", ".join(ratios))
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Copy a folder using hard links where the file system allows (no extra disk space)."""
-    def link_or_copy(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-    shutil.copytree(src, dst, copy_function=link_or_copy)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing target is moved aside first and removed only after."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        try:
-            os.replace(new, target)
-        except BaseException:
-            os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(new, target)

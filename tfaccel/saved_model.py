@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.artifacts import dir_size, normalize_outputs, output_names_of, serving_signature
+from tfaccel.core.artifact import normalize_outputs, output_names_of, serving_signature
+from tfaccel.core.files import dir_size
+from tfaccel.core.source import input_specs_of_keras
 from tfaccel.errors import TfaccelError
 from tfaccel.servable import fresh_process_env
-from tfaccel.sources import input_specs_of_keras
 
 # The checkpoint's own bookkeeping entry (a serialized proto), not a variable.
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -284,7 +285,7 @@ def add_load_footprints(report, source, work_dir: str | os.PathLike, log=None, w
     already ran it in this process).
 
     Args:
-        report: the run's :class:`tfaccel.report.Report` (stage paths relative to ``work_dir``).
+        report: the run's :class:`tfaccel.core.report.Report` (stage paths relative to ``work_dir``).
         source: the run's :class:`tfaccel.sources.ModelSource`.
         work_dir: the run's folder.
         log: progress callable.

@@ -1,24 +1,33 @@
-"""The table of pipeline steps: name -> class. The CLI, docs and Pipeline read it."""
+"""THE registry: step name -> Step class. The CLI, docs, :class:`tfaccel.Pipeline` and ``--auto``
+read it; it is the only module that knows every technique.
+
+Importing it imports every technique package, and each registers the artifact kinds it runs
+(:func:`tfaccel.core.artifact.register_kind`): ``import tfaccel`` imports this module, so every kind
+has its runner once tfaccel is imported. Technique packages import TensorFlow only inside functions,
+so this stays light.
+"""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+import tfaccel.generation  # noqa: F401  (registers the decoder kinds: onnx_decoder, tensorrt_decoder)
+from tfaccel.core.step import Step, parse_step_spec
 from tfaccel.errors import PlanError
+from tfaccel.export import ExportStep
+from tfaccel.generation.tensorrt_decoder import TensorRTDecoderStep
+from tfaccel.onnx import OnnxStep, OrtInt8Step
+from tfaccel.onnx.decoder_steps import OnnxDecoderStep, OrtDecoderInt4Step, OrtDecoderInt8Step
+from tfaccel.precision import MixedPrecisionStep
+from tfaccel.pruning.steps import StructuredPruneStep
+from tfaccel.quantization import Int4Step, Int8Step, LiteRTDynamicStep
+from tfaccel.tensorrt import TensorRTStep, TftrtStep
+from tfaccel.xla import GenerateStep, XlaStep
 
 
+@functools.cache
 def _table() -> dict[str, tuple[type, str]]:
-    from tfaccel.export import ExportStep
-    from tfaccel.generation.tensorrt_decoder import TensorRTDecoderStep
-    from tfaccel.onnx import OnnxStep, OrtInt8Step
-    from tfaccel.onnx.decoder_steps import OnnxDecoderStep, OrtDecoderInt4Step, OrtDecoderInt8Step
-    from tfaccel.precision import MixedPrecisionStep
-    from tfaccel.pruning.steps import StructuredPruneStep
-    from tfaccel.quantization import Int4Step, Int8Step, LiteRTDynamicStep
-    from tfaccel.tensorrt import TensorRTStep, TftrtStep
-    from tfaccel.xla import GenerateStep, XlaStep
-
     return {
         "export": (ExportStep, "Keras model -> SavedModel (serving_default, named inputs, dynamic batch/sequence)"),
         "mixed_float16": (functools.partial(MixedPrecisionStep, policy="mixed_float16"),
@@ -61,7 +70,7 @@ def producers_of(kind: str) -> list[str]:
     return out
 
 
-def get_step(name: str, **kwargs: Any):
+def get_step(name: str, **kwargs: Any) -> Step:
     """A step object by name, e.g. ``get_step("onnx", opset=17)``."""
     table = _table()
     if name not in table:
@@ -70,3 +79,16 @@ def get_step(name: str, **kwargs: Any):
         return table[name][0](**kwargs)
     except TypeError as exc:
         raise PlanError(f"Bad options for step {name!r}: {exc}") from exc
+
+
+def step_from_spec(spec: str, **options: Any) -> Step:
+    """A step object from ``"name"`` or ``"name@from"`` (see :func:`get_step` for ``options``).
+
+    Example:
+        >>> step_from_spec("litert-dynamic@export").start_from
+        'export'
+    """
+    name, start = parse_step_spec(spec)
+    step = get_step(name, **options)
+    step.start_from = start
+    return step

@@ -21,7 +21,7 @@ from tfaccel.auto.recipes import (
     recipe_table,
 )
 from tfaccel.auto.search import DEFAULT_TIME_BUDGET_S, optimize, optimize_auto
-from tfaccel.auto.timing import InterleavedTiming, time_interleaved
+from tfaccel.core.timer import InterleavedTiming, time_interleaved
 
 __all__ = [
     "DEFAULT_TIME_BUDGET_S",

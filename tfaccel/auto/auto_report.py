@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tfaccel.artifacts import atomic_file
-from tfaccel.report import path_in_out_dir
+from tfaccel.core.files import atomic_file
+from tfaccel.core.report import path_in_out_dir
 
 PLOT_NAME = "latency_vs_accuracy.png"
 

@@ -22,13 +22,11 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfaccel.artifacts import KIND_NAMES, Artifact
 from tfaccel.auto.auto_report import (
     DROPPED,
     FAILED,
@@ -46,10 +44,12 @@ from tfaccel.auto.recipes import (
     plan_candidates,
     step_key,
 )
-from tfaccel.auto.timing import InterleavedTiming, time_interleaved
+from tfaccel.core.artifact import Artifact, kind_name
+from tfaccel.core.files import StagedOutput, link_tree
+from tfaccel.core.source import ModelSource
+from tfaccel.core.timer import InterleavedTiming, time_interleaved
+from tfaccel.core.validation import Tolerance, classification_accuracy, compare_outputs
 from tfaccel.errors import PlanError, TfaccelError, ValidationError
-from tfaccel.sources import ModelSource
-from tfaccel.validation import Tolerance, classification_accuracy, compare_outputs
 
 #: The default time budget of a run, in seconds: building, validating and timing all candidates
 #: (model loading before it and the final write after it take seconds more). Candidates that would
@@ -109,8 +109,7 @@ class _Builder:
     def __init__(self, source: ModelSource, work: Path, log: Callable[[str], None]):
         self.source, self.work, self.log = source, work, log
         src = source
-        self.reference = Artifact(kind=src.kind, path=src.path if src.kind != "keras" else None, model=src.model,
-                                  dict_inputs=src.dict_inputs, input_names=src.input_names)
+        self.reference = Artifact.of_source(src)
         self.cache: dict[tuple[str, ...], tuple[Artifact, float, list[str]] | BaseException] = {}
         #: step name -> seconds its last build took in this run (what later candidates are estimated by)
         self.step_seconds: dict[str, float] = {}
@@ -124,7 +123,7 @@ class _Builder:
         """The artifact after ``steps``; returns (artifact, seconds of all its steps, notes).
         ``deadline_for(k)`` is the ``time.perf_counter()`` by which step ``k`` should be done (or None):
         steps that can stop long work (distillation) stop when they would not make it."""
-        from tfaccel.pipeline import StepContext
+        from tfaccel.core.step import StepContext
         from tfaccel.pruning.distillation import DistillationOverBudget
 
         artifact, seconds, notes = self.reference, 0.0, []
@@ -141,13 +140,13 @@ class _Builder:
                 notes = list(n)
                 continue
             if step.consumes != artifact.kind:
-                raise PlanError(f"step '{step.name}' needs a {KIND_NAMES[step.consumes]}, the step before gives a "
-                                f"{KIND_NAMES[artifact.kind]}")
+                raise PlanError(f"step '{step.name}' needs a {kind_name(step.consumes)}, the step before gives a "
+                                f"{kind_name(artifact.kind)}")
             stage = self.work / "candidates" / name / f"{k + 1:02d}-{step.name}"
             stage.mkdir(parents=True)
             own: list[str] = []
             ctx = StepContext(source=self.source, stage_dir=stage, log=self.log, notes=own, deadline=deadline_for(k))
-            self.log(f"  {step.name}: {KIND_NAMES[step.consumes]} -> {KIND_NAMES[step.produces]}")
+            self.log(f"  {step.name}: {kind_name(step.consumes)} -> {kind_name(step.produces)}")
             t0 = time.perf_counter()
             try:
                 artifact = step.apply(artifact, ctx)
@@ -241,9 +240,8 @@ def optimize_auto(
         ('prune-structured+int8-xla', {'1x128': 2.1})
     """
     from tfaccel.compat import capabilities
-    from tfaccel.pipeline import Pipeline, _link_tree, _replace_dir
+    from tfaccel.pipeline import Pipeline
     from tfaccel.pruning.distillation import DistillationOverBudget
-    from tfaccel.pruning.steps import DEFAULT_DATA
     from tfaccel.sources import load_source
 
     log = log or _default_log
@@ -252,22 +250,18 @@ def optimize_auto(
                                                                                            progress=log)
     shapes = _check_options(max_accuracy_drop, shapes or [(1, source.default_seq)], formats, time_budget_s,
                             runs, warmup)
-    out = Path(out).absolute()
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise TfaccelError(f"Output folder {str(out)!r} already exists and is not empty. Choose another --out or "
-                           "pass --overwrite (it is replaced only if the new run succeeds).")
-    if not out.parent.exists():
-        raise TfaccelError(f"The parent folder of --out, {str(out.parent)!r}, does not exist. Create it first.")
+    staged = StagedOutput(out, overwrite=overwrite, protect=[source.path])
+    staged.check()
     if source.kind not in ("keras", "saved_model"):
         raise PlanError(f"--auto needs a Keras model (a .keras file, a preset folder or an example name) or a "
-                        f"SavedModel; {source.name} is a {KIND_NAMES[source.kind]}.")
+                        f"SavedModel; {source.name} is a {kind_name(source.kind)}.")
     # A SavedModel source is its own baseline; the recipes that apply to it are the ones whose steps take a
     # SavedModel (xla, the side artifacts), without their leading export.
     sm_source = source.kind == "saved_model"
     baseline = SOURCE_BASELINE if sm_source else BASELINE
 
     caps = capabilities()
-    has_data = finetune_data is not None or source.name in DEFAULT_DATA
+    has_data = finetune_data is not None or source.train_split is not None
     plan = plan_candidates(caps, finetune_data=has_data, formats=formats, recipes=recipes)
     step_defaults = {"prune-structured": {"data": finetune_data}} if finetune_data is not None else {}
 
@@ -337,8 +331,9 @@ def optimize_auto(
     reserve = min(60.0, max(15.0, 0.1 * time_budget_s)) if time_budget_s is not None else 0.0
     build_deadline = t_run + time_budget_s - reserve if time_budget_s is not None else None
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     runners: dict[str, Any] = {}
+    staged.__enter__()
+    work = staged.path
     try:
         builder = _Builder(source, work, log)
         ref_runner = builder.reference.runner()
@@ -457,12 +452,12 @@ def optimize_auto(
         _rank(report)
         runners.clear()
         winner = report.candidate(report.winner)
-        _link_tree(work / winner.path, work / "saved_model")
+        link_tree(work / winner.path, work / "saved_model")
         report.final_saved_model = "saved_model"
         if report.fastest_artifact and report.fastest_artifact != report.winner:
             fast = report.candidate(report.fastest_artifact)
             stage = (work / fast.path) if (work / fast.path).is_dir() else (work / fast.path).parent
-            _link_tree(stage, work / "fastest")
+            link_tree(stage, work / "fastest")
             inner = (work / fast.path).relative_to(stage)
             report.fastest_artifact_path = str(Path("fastest") / inner) if str(inner) != "." else "fastest"
         elif report.fastest_artifact:
@@ -473,11 +468,10 @@ def optimize_auto(
                 c.path = None
         report.total_seconds = time.perf_counter() - t_run
         report.write(work)
-        _replace_dir(work, out)
-    except BaseException:
+        out = staged.commit()
+    finally:
         runners.clear()
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        staged.__exit__(None, None, None)
     report.out_dir = str(out)
     log(f"winner: {report.winner} ({', '.join(f'{v:.2f}x at {k}' for k, v in winner.speedups.items())} vs "
         f"{baseline}); wrote {out}/saved_model, {out}/report.md, {out}/report.json")
@@ -623,7 +617,7 @@ def optimize(
         **kwargs: more :func:`optimize_auto` options (auto) or :class:`tfaccel.Pipeline` options (steps).
 
     Returns:
-        An :class:`AutoReport` (auto) or a :class:`tfaccel.report.Report` (steps).
+        An :class:`AutoReport` (auto) or a :class:`tfaccel.core.report.Report` (steps).
 
     Example:
         >>> report = tfaccel.optimize("minilm-bbc", "out", max_accuracy_drop=1.0)  # doctest: +SKIP

@@ -1,17 +1,18 @@
-"""Builders for the built-in examples. Each returns a :class:`tfaccel.sources.ModelSource`."""
+"""Builders for the built-in examples. Each returns a :class:`tfaccel.core.source.ModelSource` that
+carries what the example brings (its tokenizer preset, its training split), so no other module needs
+to know an example by name."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from tfaccel.core.source import TrainingSplit
 from tfaccel.errors import MissingDependencyError
 from tfaccel.examples import bbc_news
 
@@ -52,7 +53,9 @@ def _build_lock(path: Path, progress, name: str):
 
 
 def _cached_build(name: str, final: Path, build, progress) -> None:
-    """Build ``final`` once per cache: under a lock, into a temporary folder moved into place when complete."""
+    """Build ``final`` once per cache: under a lock, into a staged folder moved into place when complete."""
+    from tfaccel.core.files import StagedOutput
+
     if (final / "meta.json").exists():
         _say(progress, f"{name}: using cached model in {final}")
         return
@@ -60,13 +63,9 @@ def _cached_build(name: str, final: Path, build, progress) -> None:
     with _build_lock(final.parent / f".{final.name}.lock", progress, name):
         if (final / "meta.json").exists():
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-        try:
-            build(tmp, progress=progress)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with StagedOutput(final, overwrite=True, what=f"The {name} cache folder", option="TFACCEL_CACHE") as staged:
+            build(staged.path, progress=progress)
+            staged.commit()
 
 
 def _seeded(seed: int = 0):
@@ -76,7 +75,7 @@ def _seeded(seed: int = 0):
 
 
 def _source(model, name, **fields):
-    from tfaccel.sources import source_from_keras_model
+    from tfaccel.core.source import source_from_keras_model
 
     return source_from_keras_model(model, name=name, **fields)
 
@@ -151,6 +150,14 @@ def _tokenize(texts, seq=MINILM_SEQ):
     return {k: np.concatenate(v).astype("int32") for k, v in out.items()}
 
 
+def _bbc_train_data(n_train: int):
+    """The minilm-bbc training split (disjoint from its 200 held-out articles), tokenized at a length."""
+    def load(seq: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        (texts, labels), _ = bbc_news.split(n_train=n_train)
+        return _tokenize(texts, seq=seq), labels
+    return load
+
+
 def build_minilm_bbc(target: Path, progress=None, epochs: int = 3, n_train: int = 400, n_eval: int = 200) -> dict:
     """Fine-tune all-MiniLM-L6-v2 on BBC News and write model.keras, data.npz, meta.json into target."""
     import keras
@@ -209,6 +216,9 @@ def minilm_bbc(progress=None):
         model, "minilm-bbc", path=str(final), task="classification", label_names=meta["labels"],
         eval_inputs=eval_inputs, eval_labels=eval_labels,
         description=f"all-MiniLM-L6-v2 fine-tuned on BBC News (held-out accuracy {meta['eval_accuracy']:.3f})",
+        tokenizer_preset=minilm_dir(),
+        train_split=TrainingSplit(f"BBC News training split ({meta['n_train']} articles, "
+                                  "tfaccel.examples.bbc_news.split)", _bbc_train_data(meta["n_train"])),
     )
     src.sample_inputs = {k: v[:8] for k, v in eval_inputs.items()}
     src.default_seq = MINILM_SEQ

@@ -120,7 +120,7 @@ def build_model(family: str, seed: int = 0):
 
 def tiny_source(family: str, progress=None):
     """``tiny:<family>`` as a ModelSource with a small sample batch (4 rows, up to 16 tokens, varied lengths)."""
-    from tfaccel.sources import source_from_keras_model, token_sample_inputs
+    from tfaccel.core.source import source_from_keras_model, token_sample_inputs
 
     model = build_model(family)
     if family in DECODERS:

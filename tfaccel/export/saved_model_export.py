@@ -10,14 +10,12 @@ and TF Serving can load), each weight stored once.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
-from tfaccel.artifacts import Artifact
-from tfaccel.pipeline import Step, StepContext
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.files import StagedOutput
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.saved_model import write_saved_model
-from tfaccel.validation import Tolerance
 
 # write_saved_model lives in tfaccel.saved_model; re-exported so callers of the old place keep working.
 __all__ = ["ExportStep", "export_saved_model", "write_saved_model"]
@@ -39,22 +37,10 @@ def export_saved_model(model, path: str | os.PathLike, *, jit_compile: bool = Fa
         >>> export_saved_model(model, "exported")  # doctest: +SKIP
         >>> tf.saved_model.load("exported").signatures["serving_default"](token_ids=..., ...)  # doctest: +SKIP
     """
-    from tfaccel.errors import TfaccelError
-
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise TfaccelError(f"{str(path)!r} already exists. Choose another path or pass overwrite=True.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        write_saved_model(model, tmp, jit_compile=jit_compile)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return str(path)
+    with StagedOutput(path, overwrite=overwrite, what="SavedModel folder", option="path",
+                      create_parent=True) as staged:
+        write_saved_model(model, staged.path, jit_compile=jit_compile)
+        return str(staged.commit())
 
 
 class ExportStep(Step):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfaccel.core.artifact import register_kind
 from tfaccel.errors import InputMismatchError, SourceError
 from tfaccel.generation.greedy_loop import GenerationResult, greedy_generate
 from tfaccel.generation.prompts import prepare_prompts
@@ -191,8 +192,8 @@ class OnnxDecoderGenerator(_CacheDecoder):
         if not isinstance(spinning, bool):
             raise InputMismatchError(f"spinning must be True or False. Received: spinning={spinning!r}")
         super().__init__(folder)
-        from tfaccel.artifacts import ort_cpu_session
         from tfaccel.compat import require
+        from tfaccel.onnx.onnx_runner import ort_cpu_session
 
         self._ort = require("onnxruntime", purpose="running ONNX decoders")
         self.threading = {"intra_op_threads": int(intra_op_threads), "spinning": spinning}
@@ -377,3 +378,7 @@ class DecoderLogitsRunner:
         ids = np.asarray(inputs["token_ids"], np.int32)
         mask = np.asarray(inputs.get("padding_mask", np.ones_like(ids)), np.int32)
         return {self.output_name: self.generator.logits(ids, mask)}
+
+
+register_kind("onnx_decoder", "ONNX KV-cache decoder", lambda a: DecoderLogitsRunner(a.path))
+register_kind("tensorrt_decoder", "TensorRT KV-cache decoder", lambda a: DecoderLogitsRunner(a.path))

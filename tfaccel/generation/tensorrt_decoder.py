@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import StepError
 from tfaccel.generation.generators import TRT_DECODER_FILE
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
 
 
 @dataclasses.dataclass(frozen=True)

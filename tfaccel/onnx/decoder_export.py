@@ -394,7 +394,7 @@ def _attach_initializers(onnx_path: Path, values: dict[str, Any]) -> None:
     import onnx
     from onnx import numpy_helper
 
-    from tfaccel.artifacts import atomic_file
+    from tfaccel.core.files import atomic_file
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
@@ -523,7 +523,7 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, gra
     finally:
         causal_lm.generate_function = generate_function
         shutil.rmtree(tmp, ignore_errors=True)
-    from tfaccel.artifacts import output_names_of
+    from tfaccel.core.artifact import output_names_of
 
     names = output_names_of(causal_lm) or ["logits"]
     write_layout(folder, layout, output_name=names[0], onnx_file=DECODER_FILE, opset=opset, graph=graph)
@@ -532,7 +532,7 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, gra
 
 def write_layout(folder: str | os.PathLike, layout: DecoderLayout, **extra) -> None:
     """Write ``decoder.json`` atomically (the layout plus ``extra`` facts such as the quantization)."""
-    from tfaccel.artifacts import atomic_file
+    from tfaccel.core.files import atomic_file
 
     with atomic_file(Path(folder) / LAYOUT_FILE) as tmp:
         tmp.write_text(json.dumps({**layout.to_dict(), **extra}, indent=2))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfaccel.artifacts import atomic_file
+from tfaccel.core.files import atomic_file
 from tfaccel.onnx.decoder_export import DECODER_FILE, read_layout, write_layout
 
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -12,10 +12,10 @@ models, like the built-in GPT-2 examples, have near-tied top logits that int8/in
 
 from __future__ import annotations
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import StepError
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
 
 
 class _DecoderStepBase(Step):

@@ -10,10 +10,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tfaccel.artifacts import Artifact, atomic_file
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.files import atomic_file
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import StepError
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
 
 DEFAULT_OPSET = 17  # tf2onnx 1.17 is tested up to opset 18; 17 is what onnxruntime and TensorRT 10/11 take best
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-from tfaccel.artifacts import Artifact, atomic_file
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.files import atomic_file
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 
 
 def quantize_dynamic_int8(onnx_path: str | os.PathLike, output_path: str | os.PathLike, *,

@@ -1,4 +1,10 @@
-"""Mixed precision for training and export, XLA for training, and a non-finite guard callback."""
+"""Mixed precision for training and export, XLA for training, and a non-finite guard callback.
+
+``NonFiniteGuard`` (a Keras callback) and its helpers are imported on first use, so
+``import tfaccel.precision`` does not import Keras or TensorFlow.
+"""
+
+from __future__ import annotations
 
 from tfaccel.precision.mixed_precision import (
     POLICIES,
@@ -8,13 +14,10 @@ from tfaccel.precision.mixed_precision import (
     strip_mixed_precision,
     upcast_softmax,
 )
-from tfaccel.precision.non_finite_guard import (
-    NonFiniteError,
-    NonFiniteGuard,
-    first_non_finite_layer,
-)
 from tfaccel.precision.precision_step import MixedPrecisionStep
 from tfaccel.precision.training import prepare_for_training, xla_unsupported_ops
+
+_LAZY = ("NonFiniteError", "NonFiniteGuard", "first_non_finite_layer")
 
 __all__ = [
     "POLICIES",
@@ -30,3 +33,13 @@ __all__ = [
     "upcast_softmax",
     "xla_unsupported_ops",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:  # a keras.callbacks.Callback subclass: defining it imports Keras
+        from tfaccel.precision import non_finite_guard
+
+        value = getattr(non_finite_guard, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tfaccel.precision' has no attribute {name!r}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tfaccel.artifacts import Artifact
-from tfaccel.pipeline import Step, StepContext
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.precision.mixed_precision import apply_mixed_precision, precision_summary
-from tfaccel.validation import Tolerance
 
 
 class MixedPrecisionStep(Step):

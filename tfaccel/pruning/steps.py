@@ -9,21 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import StepError
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
-
-#: Sources with built-in fine-tuning data: name -> description. The data is the example's own
-#: training split, disjoint from its held-out eval split.
-DEFAULT_DATA = {"minilm-bbc": "BBC News training split (400 articles, tfaccel.examples.bbc_news.split)"}
-
-
-def _bbc_train_data(seq: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    from tfaccel.examples import bbc_news, builders
-
-    (texts, labels), _ = bbc_news.split()
-    return builders._tokenize(texts, seq=seq), labels
 
 
 def load_finetune_data(data: Any, source) -> tuple[dict[str, np.ndarray], np.ndarray | None, str] | None:
@@ -32,14 +21,15 @@ def load_finetune_data(data: Any, source) -> tuple[dict[str, np.ndarray], np.nda
     if isinstance(data, str) and data == "none":
         return None
     if data is None or (isinstance(data, str) and data == "auto"):
-        if source.name in DEFAULT_DATA:
-            inputs, labels = _bbc_train_data(source.default_seq)
-            return inputs, labels, DEFAULT_DATA[source.name]
+        split = getattr(source, "train_split", None)  # the source's own training split (built-in examples)
+        if split is not None:
+            inputs, labels = split.load(source.default_seq)
+            return inputs, labels, split.description
         return None
     if isinstance(data, (str, os.PathLike)):
         # An .npz of model inputs (optional 'labels'), or a .csv / .jsonl of texts (tokenized with the source's
         # tokenizer): the same loader and checks as --eval-data; a bad file raises DataFileError naming it.
-        from tfaccel.eval_data import load_data_file
+        from tfaccel.core.eval_data import load_data_file
 
         loaded = load_data_file(data, source, what="prune-structured fine-tuning data", labels="optional")
         return loaded.inputs, loaded.labels, loaded.description
@@ -85,7 +75,7 @@ class StructuredPruneStep(Step):
         data: fine-tuning data: ``"auto"`` (the source's own training split where it has one: the
             BBC train split for ``minilm-bbc``; otherwise no fine-tuning), ``"none"``, an ``.npz`` path
             (one array per model input, optional ``labels``) or a ``.csv`` / ``.jsonl`` of texts
-            (``text``, optional ``label``; see :mod:`tfaccel.eval_data`), a dict of input arrays, or an
+            (``text``, optional ``label``; see :mod:`tfaccel.core.eval_data`), a dict of input arrays, or an
             ``(inputs, labels)`` tuple.
         epochs, batch_size, learning_rate, temperature, student_loss_weight: distillation settings
             (:func:`tfaccel.pruning.distill`; the rate decays linearly from ``learning_rate`` to 0). On

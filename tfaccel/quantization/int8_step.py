@@ -10,7 +10,7 @@ ExportArchive pattern that keeps XLA after a reload and loads in ``saved_model_c
 
 Speed on this project's machine (2-core AMD EPYC Zen 5, AVX-512 with VNNI) is in
 benchmarks/RESULTS.md (rows ``tfaccel int8`` / ``tfaccel int4`` beside ``model.export``);
-``python -m tfaccel.quantization.benchmark`` compares the kernel forms with each other.
+``python benchmarks/quantization_bench.py`` compares the kernel forms with each other.
 
 ``kernel="auto"`` is the default: the forms this machine runs (``Capabilities.int8_kernel_forms``;
 oneDNN's int8 op does not run on AVX2-only CPUs such as AMD Zen 3) are traced on the quantized model and
@@ -24,14 +24,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import PlanError, StepError
-from tfaccel.pipeline import Step, StepContext
 from tfaccel.quantization.int8_kernels import KERNELS, int8_kernels
 from tfaccel.quantization.keras_quantize import quantize_model
 from tfaccel.quantization.quantization_config import QuantizationConfig
 from tfaccel.quantization.quantization_report import QuantizationSummary
-from tfaccel.validation import Tolerance
 
 #: "auto" (default): time the forms that run here at the run's shapes and keep the fastest.
 KERNEL_CHOICES = ("auto", *KERNELS)
@@ -63,7 +63,8 @@ def check_onednn_int8() -> None:
 
 def _time_kernel_forms(qmodel, forms: dict[str, bool], inputs_by_shape: dict[tuple[int, int], dict],
                        rounds: int = 5, max_seconds: float = 20.0, log=None) -> tuple[dict, dict]:
-    """Trace ``qmodel``'s serving function once per int8 form, then time the forms round-robin.
+    """Trace ``qmodel``'s serving function once per int8 form, then time the forms interleaved
+    (:func:`tfaccel.core.timer.interleave`; ``max_seconds`` is shared by every form and shape).
 
     Args:
         forms: form -> jit_compile.
@@ -74,9 +75,9 @@ def _time_kernel_forms(qmodel, forms: dict[str, bool], inputs_by_shape: dict[tup
     """
     import time
 
-    import numpy as np
     import tensorflow as tf
 
+    from tfaccel.core.timer import interleave
     from tfaccel.quantization.int8_kernels import int8_kernels
     from tfaccel.saved_model import keras_serving_fn
 
@@ -99,17 +100,17 @@ def _time_kernel_forms(qmodel, forms: dict[str, bool], inputs_by_shape: dict[tup
         except Exception as exc:  # a form the probe allowed but that fails on this model or CPU
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             failed[form] = f"failed on this model: {type(exc).__name__}: {first}"
-    times: dict[str, dict[tuple, list[float]]] = {f: {sh: [] for sh in inputs_by_shape} for f in fns}
-    t_end = time.perf_counter() + max_seconds
-    for r in range(rounds):
-        for form, per_shape in fns.items():
-            for shape, (cf, args) in per_shape.items():
-                t0 = time.perf_counter()
-                cf(args)
-                times[form][shape].append((time.perf_counter() - t0) * 1000)
-        if r >= 1 and time.perf_counter() > t_end:  # at least two rounds
-            break
-    medians = {f: {f"{b}x{q}": float(np.median(v)) for (b, q), v in sh.items()} for f, sh in times.items()}
+    # One interleaved timing per shape: each form's already-traced function, called on the same inputs.
+    per_form = max_seconds / max(1, len(fns) * len(inputs_by_shape))
+    medians: dict[str, dict[str, float]] = {f: {} for f in fns}
+    for shape in inputs_by_shape:
+        calls = {form: (lambda cf=per_shape[shape][0], a=per_shape[shape][1]: cf(a)) for form, per_shape in fns.items()}
+        timing = interleave(calls, runs=max(3, rounds), warmup=0, max_seconds=per_form, batch=shape[0], seq=shape[1])
+        for form, err in timing.errors.items():
+            failed[form] = f"failed on this model: {err}"
+        for form, m in timing.measurements.items():
+            medians[form][f"{shape[0]}x{shape[1]}"] = m.p50_ms
+    medians = {f: m for f, m in medians.items() if f not in failed}
     return medians, failed
 
 

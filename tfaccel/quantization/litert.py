@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact, atomic_file
+from tfaccel.core.artifact import Artifact, register_kind
+from tfaccel.core.files import atomic_file
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import StepError
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
 
 TFLITE_KIND = "tflite"
 
@@ -228,3 +229,6 @@ class LiteRTDynamicStep(Step):
         ctx.note(f"LiteRT model {Path(path).stat().st_size / 1e6:.1f} MB; runs in ai_edge_litert's Interpreter "
                  "(XNNPACK on CPU)")
         return Artifact(kind=TFLITE_KIND, path=path, input_names=artifact.input_names)
+
+
+register_kind(TFLITE_KIND, "LiteRT model", lambda a: LiteRTRunner(a.path))

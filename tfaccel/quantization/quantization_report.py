@@ -13,7 +13,7 @@ from tfaccel.quantization.quantization_config import LayerDecision
 
 def weight_bytes(model) -> int:
     """Bytes of all weights of a Keras model as stored (int8 weights count 1 byte each)."""
-    from tfaccel.artifacts import Artifact
+    from tfaccel.core.artifact import Artifact
 
     return Artifact(kind="keras", model=model).size_bytes()
 

@@ -11,7 +11,7 @@ imports TensorFlow's TF-TRT module or ``tensorrt`` until a step runs.
 
 from tfaccel.tensorrt.calibration import representative_batches
 from tfaccel.tensorrt.engine_build import ParserIssue, build_engine, describe_parser_errors
-from tfaccel.tensorrt.engine_runner import TrtEngineArtifact, TrtEngineRunner
+from tfaccel.tensorrt.engine_runner import TrtEngineRunner
 from tfaccel.tensorrt.onnx_precision import convert_onnx_to_fp16, quantize_onnx_qdq_int8
 from tfaccel.tensorrt.shape_profiles import ShapeProfile, onnx_input_dims, profile_from_source
 from tfaccel.tensorrt.tensorrt_step import TensorRTStep
@@ -28,7 +28,6 @@ __all__ = [
     "TftrtConfig",
     "TftrtStep",
     "TrtApi",
-    "TrtEngineArtifact",
     "TrtEngineRunner",
     "build_engine",
     "convert_onnx_to_fp16",

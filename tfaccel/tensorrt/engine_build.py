@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tfaccel.artifacts import atomic_file
+from tfaccel.core.files import atomic_file
 from tfaccel.errors import StepError
 from tfaccel.tensorrt.availability import import_tensorrt, require_gpu
 from tfaccel.tensorrt.shape_profiles import ShapeProfile

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import register_kind
 from tfaccel.errors import InputMismatchError, StepError
 from tfaccel.tensorrt.availability import cuda_check, import_cudart, import_tensorrt, require_gpu
 
@@ -148,5 +148,4 @@ class TrtEngineRunner:
             pass
 
 
-class TrtEngineArtifact(Artifact):
-    """An Artifact of kind "tensorrt": :meth:`Artifact.runner` gives a :class:`TrtEngineRunner` for it."""
+register_kind("tensorrt", "TensorRT engine", lambda a: TrtEngineRunner(a.path))

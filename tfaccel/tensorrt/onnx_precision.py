@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfaccel.artifacts import atomic_file
+from tfaccel.core.files import atomic_file
 from tfaccel.errors import StepError
 
 #: The int8 route quantizes the matrix products: that is where the time and the int8 kernels are.
@@ -184,8 +184,8 @@ def qdq_check_runner(path: str | os.PathLike):
     AVX2 fused, 0.9999 unfused; QEMU EPYC-Milan). So the check runs fused where that is exact and unfused
     elsewhere (:meth:`tfaccel.compat.Capabilities.ort_qdq_fused`); ``runner.qdq_fused`` says which.
     """
-    from tfaccel.artifacts import OnnxRunner
     from tfaccel.compat import capabilities
+    from tfaccel.onnx.onnx_runner import OnnxRunner
 
     fused, why = capabilities().ort_qdq_fused()
     runner = OnnxRunner(str(path), fuse_qdq=fused)

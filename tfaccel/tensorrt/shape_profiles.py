@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-#: :func:`tfaccel.validation.classification_accuracy` scores the eval split in batches of this size.
+#: :func:`tfaccel.core.validation.classification_accuracy` scores the eval split in batches of this size.
 EVAL_BATCH = 32
 
 

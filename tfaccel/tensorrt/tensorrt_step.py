@@ -8,14 +8,13 @@ SavedModel stays the one before it.
 
 from __future__ import annotations
 
-from tfaccel.artifacts import Artifact
-from tfaccel.pipeline import StepContext
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.tensorrt.availability import import_cudart, import_tensorrt, require_gpu
 from tfaccel.tensorrt.engine_build import ENGINE_FILE, build_engine
-from tfaccel.tensorrt.engine_runner import TrtEngineArtifact
 from tfaccel.tensorrt.trt_api import TrtApi, plan_build
 from tfaccel.tensorrt.trt_config import TensorRTConfig, TrtStepBase, profiles_for
-from tfaccel.validation import Tolerance
 
 TENSORRT_TOLERANCES = {
     # TF32 is off for "fp32" engines: only kernel choice and summation order differ from onnxruntime.
@@ -89,6 +88,6 @@ class TensorRTStep(TrtStepBase):
                             calibration_batches=calibration, log=ctx.log)
         ctx.note(f"engine built in {info['build_seconds']:.1f}s with TensorRT {info['tensorrt']}; it runs only "
                  "with that TensorRT version on the same GPU model")
-        return TrtEngineArtifact(kind="tensorrt", path=str(ctx.stage_dir / ENGINE_FILE),
+        return Artifact(kind="tensorrt", path=str(ctx.stage_dir / ENGINE_FILE),
                                  input_names=artifact.input_names, info=info)
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import StepError
-from tfaccel.pipeline import StepContext
 from tfaccel.tensorrt.availability import require_gpu, require_tf_tensorrt
 from tfaccel.tensorrt.shape_profiles import ShapeProfile
 from tfaccel.tensorrt.trt_config import TftrtConfig, TrtStepBase, profiles_for
-from tfaccel.validation import Tolerance
 
 # TensorRT fuses and reorders the math; fp32 layers may use TF32 tensor cores (about 1e-3 relative
 # error in matrix products), so bound the direction (cosine) and the task accuracy, not absolute values.

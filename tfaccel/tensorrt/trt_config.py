@@ -11,10 +11,10 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from tfaccel.pipeline import Step, StepContext
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.tensorrt.calibration import describe_batches, representative_batches
 from tfaccel.tensorrt.shape_profiles import ShapeProfile, coerce_profiles
-from tfaccel.validation import Tolerance
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: TF-TRT's dynamic-shape profile strategies (trt_convert.supported_profile_strategies(), less the

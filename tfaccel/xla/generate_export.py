@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from tfaccel.artifacts import normalize_outputs, output_names_of
+from tfaccel.core.artifact import normalize_outputs, output_names_of
 from tfaccel.errors import PlanError
 from tfaccel.xla.xla_export import validate_buckets
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfaccel.artifacts import Artifact
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.errors import PlanError, StepError
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
 from tfaccel.xla.generate_export import (
     DEFAULT_PROMPT_BUCKETS,
     keras_hub_greedy,

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tfaccel.artifacts import normalize_outputs, output_names_of, serving_signature
+from tfaccel.core.artifact import normalize_outputs, output_names_of, serving_signature
+from tfaccel.core.source import input_specs_of_keras
 from tfaccel.saved_model import write_keras_endpoints
-from tfaccel.sources import input_specs_of_keras
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 

@@ -3,9 +3,9 @@ SavedModel -> SavedModel with every signature XLA-compiled."""
 
 from __future__ import annotations
 
-from tfaccel.artifacts import Artifact, SavedModelRunner
-from tfaccel.pipeline import Step, StepContext
-from tfaccel.validation import Tolerance
+from tfaccel.core.artifact import Artifact, SavedModelRunner
+from tfaccel.core.step import Step, StepContext
+from tfaccel.core.validation import Tolerance
 from tfaccel.xla.xla_export import (
     DEFAULT_BUCKETS,
     bucket_for,
@@ -74,10 +74,10 @@ class XlaStep(Step):
     def params(self):
         return {"buckets": list(self.buckets) if self.buckets else None, "jit_compile": True}
 
-    def consumes_for(self, source) -> str:
-        """The artifact kind this step takes for ``source``: the SavedModel itself for a SavedModel source
-        (no Keras model exists in that pipeline), the Keras model otherwise. Read by ``Pipeline.plan``."""
-        return "saved_model" if source.kind == "saved_model" else "keras"
+    def bind(self, source) -> None:
+        """Take the SavedModel itself for a SavedModel source (no Keras model exists in that pipeline),
+        the Keras model otherwise."""
+        self.consumes = "saved_model" if source.kind == "saved_model" else "keras"
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         if artifact.kind == "saved_model":

@@ -315,10 +315,8 @@ def _preprocessor(source, name: str, sequence_length: int):
         if hasattr(attached, "sequence_length"):
             attached.sequence_length = sequence_length
         return attached
-    preset = None
-    if source.name in _EXAMPLE_TOKENIZERS:
-        preset = _EXAMPLE_TOKENIZERS[source.name]()
-    elif source.kind == "keras" and source.path and Path(source.path).is_dir():
+    preset = getattr(source, "tokenizer_preset", None)
+    if preset is None and source.kind == "keras" and source.path and Path(source.path).is_dir():
         preset = source.path  # a keras-hub preset / Hugging Face folder
     if preset is None:
         raise DataFileError(
@@ -334,16 +332,6 @@ def _preprocessor(source, name: str, sequence_length: int):
             f"{str(preset)!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Save the "
             "tokenizer into the folder (tokenizer.save_to_preset(folder)), or pass an .npz of token ids."
         ) from exc
-
-
-def _minilm_dir() -> str:
-    from tfaccel.examples.builders import minilm_dir
-
-    return minilm_dir()
-
-
-#: Built-in examples whose tokenizer ships in a package: example name -> preset folder.
-_EXAMPLE_TOKENIZERS = {"minilm-bbc": _minilm_dir}
 
 
 def _tokenize(texts: list[str], source, name: str, sequence_length: int | None) -> dict[str, np.ndarray]:

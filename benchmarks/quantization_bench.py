@@ -12,7 +12,7 @@ Rows (each an artifact served the way a user would serve it):
 Timing is interleaved (every round calls each row in turn, the order rotating), so background load on
 a shared machine hits all rows alike; compare the ratios, not the milliseconds, across runs.
 
-    python -m tfaccel.quantization.benchmark bert-base minilm-bbc --out bench.json
+    python benchmarks/quantization_bench.py bert-base minilm-bbc --out bench.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tfaccel.core.timer import time_interleaved
 
 # Converters first (tf2onnx runs in a child process that needs a few GB for BERT-base), while few
 # artifacts are loaded in this process.
@@ -70,9 +70,10 @@ def quantization_rows(source, work_dir: str | Path, *, shapes=((1, 128),), rows=
         >>> res = quantization_rows(load_source("bert-base"), "/tmp/qb", runs=10)  # doctest: +SKIP
         >>> [(r["name"], r["timings"][0]["speedup"]) for r in res["rows"]]  # doctest: +SKIP
     """
-    from tfaccel.artifacts import Artifact, KerasRunner, SavedModelRunner, dir_size, output_names_of
-    from tfaccel.pipeline import StepContext
-    from tfaccel.validation import classification_accuracy, compare_outputs
+    from tfaccel.core.artifact import Artifact, KerasRunner, SavedModelRunner, output_names_of
+    from tfaccel.core.files import dir_size
+    from tfaccel.core.step import StepContext
+    from tfaccel.core.validation import classification_accuracy, compare_outputs
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -137,36 +138,18 @@ def quantization_rows(source, work_dir: str | Path, *, shapes=((1, 128),), rows=
             row["size_vs_baseline"] = row["size_bytes"] / base_size
     for batch, seq in shapes:
         x = source.make_inputs(batch, seq)
-        times = _interleaved(runners, x, runs=runs, max_seconds=max_seconds)
-        base = np.median(times["model.export fp32"]) if "model.export fp32" in times else None
+        timing = time_interleaved(runners, x, seq=seq, runs=runs, warmup=2, max_seconds=max_seconds)
+        ms = timing.measurements
+        base = ms["model.export fp32"].p50_ms if "model.export fp32" in ms else None
         for row in result["rows"]:
-            t = times.get(row["name"])
-            if t:
-                p50 = float(np.median(t))
-                row["timings"].append({"batch": batch, "seq": seq, "p50_ms": p50 * 1000,
-                                       "min_ms": float(np.min(t)) * 1000, "runs": len(t),
-                                       "speedup": float(base / p50) if base else None})
+            m = ms.get(row["name"])
+            if m:
+                row["timings"].append({"batch": batch, "seq": seq, "p50_ms": m.p50_ms, "min_ms": m.min_ms,
+                                       "runs": m.runs, "speedup": float(base / m.p50_ms) if base else None})
         log(f"timed {batch}x{seq}: " + ", ".join(
             f"{r['name']} {r['timings'][-1]['p50_ms']:.1f} ms ({r['timings'][-1]['speedup']:.2f}x)"
             for r in result["rows"] if r["timings"]))
     return result
-
-
-def _interleaved(runners, x, *, runs: int, max_seconds: float) -> dict[str, list[float]]:
-    names = list(runners)
-    for name in names:  # first call (tracing, XLA compilation, session set-up) and one warm-up
-        runners[name](x)
-        runners[name](x)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(runs):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            if len(times[name]) >= 3 and sum(times[name]) > max_seconds:
-                continue
-            t = time.perf_counter()
-            runners[name](x)
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def to_markdown(results: list[dict[str, Any]]) -> str:
@@ -205,7 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated row names (default: all)")
     args = p.parse_args(argv)
-    from tfaccel.measure import parse_shape
+    from tfaccel.core.measure import parse_shape
 
     shapes = [parse_shape(s) for s in (args.shape or ["1x128"])]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

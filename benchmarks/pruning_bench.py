@@ -11,7 +11,7 @@ real models and time exports, which takes minutes on 2 cores.
   removed, both exported with ``export_saved_model`` and timed alternately in one process. Target:
   at least 1.3x faster.
 
-Run all three: ``python -m tfaccel.pruning.benchmark [OUT.json]``.
+Run all three: ``python benchmarks/pruning_bench.py [OUT.json]``.
 """
 
 from __future__ import annotations
@@ -27,16 +27,14 @@ import numpy as np
 
 
 def _accuracy(model, source) -> float:
-    from tfaccel.artifacts import KerasRunner
-    from tfaccel.validation import classification_accuracy
+    from tfaccel.core.artifact import KerasRunner
+    from tfaccel.core.validation import classification_accuracy
 
     return classification_accuracy(KerasRunner(model), source.eval_inputs, source.eval_labels)
 
 
 def _train_data(source):
-    from tfaccel.pruning.steps import _bbc_train_data
-
-    return _bbc_train_data(source.default_seq)
+    return source.train_split.load(source.default_seq)
 
 
 def _fresh_copy(source):
@@ -131,9 +129,9 @@ def bert_base_structured_speed(fraction: float = 0.5, seq: int = 128, batch: int
         >>> bert_base_structured_speed()["speedup"] >= 1.3  # doctest: +SKIP
         True
     """
-    from tfaccel.artifacts import SavedModelRunner
+    from tfaccel.core.artifact import SavedModelRunner
+    from tfaccel.core.timer import time_interleaved
     from tfaccel.export import export_saved_model
-    from tfaccel.measure import time_runner
     from tfaccel.pruning.structured_pruning import prune_feedforward
     from tfaccel.sources import load_source
 
@@ -147,9 +145,9 @@ def bert_base_structured_speed(fraction: float = 0.5, seq: int = 128, batch: int
         x = source.make_inputs(batch, seq)
         p50 = {k: [] for k in runners}
         fastest = {k: float("inf") for k in runners}
-        for _ in range(rounds):  # alternate, so both see the same machine load
-            for name, runner in runners.items():
-                m = time_runner(runner, x, warmup=2, runs=runs, seq=seq)
+        for _ in range(rounds):  # interleaved rounds, so both see the same machine load
+            timing = time_interleaved(runners, x, seq=seq, warmup=2, runs=runs, max_seconds=None)
+            for name, m in timing.measurements.items():
                 p50[name].append(m.p50_ms)
                 fastest[name] = min(fastest[name], m.min_ms)
     full, pruned = float(np.median(p50["full"])), float(np.median(p50["pruned"]))

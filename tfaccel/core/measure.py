@@ -1,12 +1,11 @@
-"""Latency, throughput and memory measurement shared by pipeline reports and benchmarks."""
+"""What a timing gives (:class:`Measurement`), peak memory (:class:`PeakRSS`) and shapes. The timing itself
+is :mod:`tfaccel.core.timer`."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,36 +80,6 @@ class Measurement:
         return cls(batch=batch, seq=seq, p50_ms=p50, p95_ms=float(np.percentile(arr, 95)), mean_ms=float(arr.mean()),
                    min_ms=float(arr.min()), throughput=batch / (p50 / 1000.0), runs=len(arr), warmup=warmup,
                    first_call_ms=first_call_ms)
-
-
-def time_runner(
-    runner: Callable[[dict[str, np.ndarray]], Any],
-    inputs: dict[str, np.ndarray],
-    *,
-    warmup: int = 3,
-    runs: int = 20,
-    max_seconds: float | None = 60.0,
-    seq: int | None = None,
-) -> Measurement:
-    """Time ``runner(inputs)``: a first call (tracing/compilation), warm-up calls, then timed runs.
-
-    Stops early after ``max_seconds`` of timed runs (at least 3 runs are always made).
-    """
-    batch = int(next(iter(inputs.values())).shape[0])
-    t0 = time.perf_counter()
-    runner(inputs)
-    first = (time.perf_counter() - t0) * 1000
-    for _ in range(max(0, warmup - 1)):
-        runner(inputs)
-    times = []
-    start = time.perf_counter()
-    for i in range(runs):
-        t = time.perf_counter()
-        runner(inputs)
-        times.append((time.perf_counter() - t) * 1000)
-        if max_seconds is not None and i >= 2 and time.perf_counter() - start > max_seconds:
-            break
-    return Measurement.from_times(times, batch=batch, seq=seq, warmup=warmup, first_call_ms=first)
 
 
 def parse_shape(text: str) -> tuple[int, int]:

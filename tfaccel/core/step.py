@@ -1,0 +1,139 @@
+"""The contract every technique implements: :class:`Step` (what it takes, what it gives, what it needs,
+how it is validated) and :class:`StepContext` (what a step sees while it runs).
+
+A step is one technique applied to one artifact. It says which artifact kind it consumes and which it
+produces (kinds are registered in :mod:`tfaccel.core.artifact`), checks at plan time that it can run
+here (:meth:`Step.check`), and writes its artifact into ``ctx.stage_dir``. The pipeline and ``--auto``
+compose steps; a step never imports them.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tfaccel.core.artifact import Artifact
+from tfaccel.core.source import ModelSource
+from tfaccel.core.validation import BREACH_POLICIES, Tolerance
+from tfaccel.errors import PlanError
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a step sees besides its input artifact."""
+
+    source: ModelSource
+    stage_dir: Path
+    log: Callable[[str], None]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    #: (batch, sequence) pairs the run measures at: steps that choose a form by timing use them.
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: Set by a step that runs on hardware without native support for it (e.g. bfloat16 emulated on an
+    #: AVX2 CPU): once the stage is measured, the pipeline adds a note with the slowdown it measured.
+    hardware_warning: str | None = None
+    #: ``time.perf_counter()`` value by which a step should be done, or None (no limit). Steps with
+    #: long work they can size or stop use it (``prune-structured``'s distillation stops when its
+    #: measured step time says it would not finish: ``--auto``'s time budget).
+    deadline: float | None = None
+
+    def note(self, message: str) -> None:
+        """Record a note (a warning or a fact) for this stage's row in the report."""
+        self.notes.append(message)
+        self.log(f"  note: {message}")
+
+    def warn_hardware(self, reason: str) -> None:
+        """Flag this stage as running without native hardware support (see ``hardware_warning``)."""
+        self.hardware_warning = reason
+        self.note(f"WARNING: {reason}; the measured slowdown follows the timing")
+
+
+class Step(abc.ABC):
+    """One technique applied to an artifact.
+
+    Subclasses set ``name``, ``consumes`` and ``produces`` (registered artifact kinds, see
+    :func:`tfaccel.core.artifact.kinds`: "keras", "saved_model", "onnx", "tflite", "tensorrt",
+    "onnx_decoder", ...), ``default_tolerance``, and implement :meth:`apply`, which writes its artifact
+    into ``ctx.stage_dir`` and returns it. The contract, in the order a planner uses it:
+
+    1. :meth:`bind`: a step that can take several kinds picks the one this source gives (``xla`` takes
+       a Keras model or a SavedModel source); the default keeps ``consumes``.
+    2. :meth:`check`: what the step needs to run here (an optional package, a GPU, settings that fit the
+       source, the user's files), raised as a TfaccelError before any step runs.
+    3. :meth:`apply`: the work.
+
+    Args:
+        tolerance: limits against the reference; defaults to the step's ``default_tolerance``.
+        on_breach: "fail" (raise), "warn" (keep the stage, flag it) or "skip" (drop it and go on);
+            None takes the pipeline's policy.
+    """
+
+    name: ClassVar[str]
+    consumes: ClassVar[str] = "keras"
+    produces: ClassVar[str] = "keras"
+    default_tolerance: ClassVar[Tolerance] = Tolerance()
+    #: True for side artifacts (ONNX...) that do not become the final SavedModel.
+    side_artifact: ClassVar[bool] = False
+    #: True if the SavedModel this step gives holds quantized weights/ops that conversions (onnx,
+    #: litert-dynamic) cannot take; artifacts recording ``info["quantization"]`` (int8, int4) count too.
+    quantized_output: ClassVar[bool] = False
+    #: The earlier stage this step starts from (``STEP@FROM``: a step name or "reference"); None
+    #: takes the default input (see :class:`tfaccel.Pipeline`).
+    start_from: str | None = None
+
+    def __init__(self, tolerance: Tolerance | None = None, on_breach: str | None = None):
+        if on_breach is not None and on_breach not in BREACH_POLICIES:
+            raise ValueError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
+        self.tolerance = tolerance or self.default_tolerance
+        self.on_breach = on_breach
+
+    def bind(self, source: ModelSource) -> None:
+        """Choose the artifact kind this step consumes for ``source`` (set ``self.consumes``), for steps
+        that take more than one kind. Called by the planner before :meth:`check`; the default keeps the
+        class's ``consumes``."""
+        return None
+
+    @abc.abstractmethod
+    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+        """Produce the next artifact from ``artifact``, writing it under ``ctx.stage_dir``."""
+
+    def check(self, source: ModelSource) -> None:
+        """Raise a TfaccelError if this step cannot run on ``source`` here (a missing optional package,
+        no GPU, a TensorFlow build without a feature, settings that do not fit the source, a data file
+        that cannot be used). The planner calls it for every step before any step runs; the default
+        accepts all."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        """The step's settings, as recorded in the report."""
+        return {}
+
+    def get_config(self) -> dict[str, Any]:
+        """Everything that makes two steps build the same artifact (name, tolerance, settings)."""
+        return {"name": self.name, "tolerance": self.tolerance.get_config(), "on_breach": self.on_breach, **self.params()}
+
+    @property
+    def spec(self) -> str:
+        """The step as written in ``--steps``: ``name`` or ``name@from``."""
+        return f"{self.name}@{self.start_from}" if self.start_from else self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params()})"
+
+
+def parse_step_spec(spec: str) -> tuple[str, str | None]:
+    """Split ``"litert-dynamic@export"`` into ``("litert-dynamic", "export")``; ``"onnx"`` gives ``("onnx", None)``.
+
+    Raises:
+        PlanError: an empty name or an empty FROM (``"onnx@"``), or more than one ``@``.
+    """
+    name, sep, start = spec.strip().partition("@")
+    name, start = name.strip(), start.strip()
+    if not name or (sep and (not start or "@" in start)):
+        raise PlanError(
+            f"Bad step {spec!r}: write STEP or STEP@FROM, where FROM is an earlier step's name or 'reference' "
+            "(e.g. litert-dynamic@export)."
+        )
+    return name, (start if sep else None)
