@@ -37,7 +37,7 @@ def read_documents(path: str | os.PathLike, what: str = "--eval-texts") -> list[
         >>> read_documents("held_out.jsonl")  # doctest: +SKIP
         ['First article ...', 'Second article ...']
     """
-    from tfaccel.eval_data import _read_texts
+    from tfaccel.core.eval_data import _read_texts
 
     p = Path(path)
     name = f"{what} {str(p)!r}"

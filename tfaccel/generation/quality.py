@@ -72,6 +72,23 @@ class QualityBudget:
         return dataclasses.asdict(self)
 
 
+def quality_budget(max_perplexity_ratio="default", max_kl="default", min_same_top=None,
+                   windows: int | None = None) -> tuple[QualityBudget, int]:
+    """A step's budget and window count from its options (``"default"``: the module defaults; None: not
+    enforced).
+
+    Raises:
+        ValueError: a bound that is not a number >= 0, or ``windows`` not an int >= 1.
+    """
+    budget = QualityBudget(
+        max_perplexity_ratio=DEFAULT_MAX_PERPLEXITY_RATIO if max_perplexity_ratio == "default" else max_perplexity_ratio,
+        max_kl=DEFAULT_MAX_KL if max_kl == "default" else max_kl, min_same_top=min_same_top)
+    windows = DEFAULT_EVAL_WINDOWS if windows is None else windows
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+        raise ValueError(f"quality_windows must be an int >= 1. Received: quality_windows={windows!r}")
+    return budget, windows
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
@@ -200,3 +217,40 @@ def describe(measures: dict, reference: str = "the reference") -> str:
             f"{measures['perplexity']:.4g} vs {measures['reference_perplexity']:.4g} for {reference} (ratio "
             f"{measures['perplexity_ratio']:.5f}), KL divergence {measures['kl_divergence']:.3g}, same top token "
             f"{measures['same_top']:.2%}")
+
+
+def validate_quality(ctx, candidate, budget: QualityBudget, step_name: str, *, windows: int = DEFAULT_EVAL_WINDOWS,
+                     what: str = "decoder") -> dict | None:
+    """A step's quality check on the source's held-out text: measure ``candidate`` against the source model
+    (:func:`quality_measures`), note the figures, and fail the step when ``budget`` is exceeded.
+
+    Args:
+        ctx: the step's :class:`tfaccel.core.step.StepContext` (its source carries the eval windows).
+        candidate: the artifact's generator (or ``ids -> logits``).
+        budget: the :class:`QualityBudget` to hold.
+        step_name: named in the error, with the options that loosen the budget.
+        windows: how many held-out windows to score.
+        what: how the artifact is named in the note.
+
+    Returns:
+        The measures, or None when the source has no held-out text (nothing to measure on).
+
+    Raises:
+        StepError: a budget is exceeded (the message names the figure, the bound and the option).
+    """
+    from tfaccel.errors import StepError
+    from tfaccel.generation.eval_text import eval_windows
+
+    ids = eval_windows(ctx.source, windows)
+    if ids is None:
+        return None
+    measures = quality_measures(ctx.source.model, candidate, ids, vocabulary_size=ctx.source.vocab_size)
+    ctx.note(f"quality {describe(measures, 'the Keras model')}")
+    breaches = budget.breaches(measures)
+    if breaches:
+        opts = {"perplexity": "max_perplexity_ratio", "KL": "max_kl", "same": "min_same_top"}
+        names = sorted({o for b in breaches for k, o in opts.items() if b.startswith(k)})
+        raise StepError(f"Step '{step_name}': on {measures['positions']} held-out next tokens the {what}'s "
+                        f"{'; '.join(breaches)}. Loosen {', '.join(f'--set {step_name}.{n}=...' for n in names)}, "
+                        "or use a less lossy setting.")
+    return measures

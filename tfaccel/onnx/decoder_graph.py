@@ -44,6 +44,7 @@ EMBEDDING = "tfaccel_token_embedding"
 LM_HEAD = "tfaccel_lm_head"
 #: Rotary tables of a Llama-class native graph cover this many positions unless told otherwise.
 DEFAULT_MAX_POSITIONS = 4096
+_LAYER_NORM_EPSILON = 1e-5  # GPT-2's
 _MASKED = -1e9  # what keras-hub's softmax writes for masked scores (finite: a fully masked row stays finite)
 
 
@@ -111,8 +112,6 @@ def _dense_layers(layer, family: str) -> list:
 
 
 def _gpt2_refusal(causal_lm) -> str | None:
-    from tfaccel.onnx.decoder_export import _LAYER_NORM_EPSILON
-
     bb = causal_lm.backbone
     for layer in bb.transformer_layers:
         norms = (layer._self_attention_layer_norm, layer._feedforward_layer_norm)
@@ -335,8 +334,6 @@ def _lm_head(g: _Graph, x: str, head: np.ndarray | None, vocab: int, hidden: int
 
 
 def _gpt2_graph(g: _Graph, causal_lm, layout) -> None:
-    from tfaccel.onnx.decoder_export import _LAYER_NORM_EPSILON
-
     bb = causal_lm.backbone
     heads, head_dim = layout.num_kv_heads, layout.head_dim
     hidden = heads * head_dim

@@ -22,7 +22,7 @@ import numpy as np
 from tfaccel.core.files import atomic_file
 from tfaccel.onnx.decoder_export import DECODER_FILE, read_layout, write_layout
 
-INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 _FOLDABLE = {"Identity", "Transpose", "Reshape", "Shape", "Gather", "ReduceProd", "Concat", "Unsqueeze", "Squeeze",
@@ -50,11 +50,12 @@ def _constant(name: str, inits: dict, producers: dict, memo: dict):
     return value
 
 
-def gemm_to_matmul(model):
+def gemm_to_matmul(model, untie: bool = False):
     """Rewrite ``Gemm(A, B[, C])`` with a constant ``B`` as ``MatMul(A, B')`` (+ ``Add(C)``), in place.
 
     Only plain Gemms are rewritten (``transA = 0``; ``alpha``/``beta`` are folded into the weight and
-    bias). Returns the number of Gemms rewritten.
+    bias), and a ``B`` other nodes read too (a native graph's tied embedding) only with ``untie``.
+    Returns the number of Gemms rewritten.
     """
     from onnx import helper, numpy_helper
 
@@ -71,7 +72,7 @@ def gemm_to_matmul(model):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Gemm" else {}
         # a weight other nodes read too (the tied embedding of a native graph) stays shared: matmul_to_nbits
         # quantizes such a Gemm in place
-        shared = node.op_type == "Gemm" and readers.get(node.input[1], 0) > 1
+        shared = node.op_type == "Gemm" and readers.get(node.input[1], 0) > 1 and not untie
         w = _constant(node.input[1], inits, producers, memo) if node.op_type == "Gemm" and not shared else None
         if w is None or attrs.get("transA", 0) != 0 or w.ndim != 2:
             new_nodes.append(node)
@@ -121,12 +122,12 @@ def _drop_unused_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _prepare(src_folder, dst_folder):
+def _prepare(src_folder, dst_folder, untie: bool = False):
     import onnx
 
     layout, info = read_layout(src_folder)
     model = onnx.load(str(Path(src_folder) / info.get("onnx_file", DECODER_FILE)))
-    rewritten = gemm_to_matmul(model)
+    rewritten = gemm_to_matmul(model, untie=untie)
     dst = Path(dst_folder)
     dst.mkdir(parents=True, exist_ok=True)
     return layout, info, model, rewritten, dst
@@ -141,18 +142,34 @@ def _count(model, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
 
 
+INT8_METHODS = ("blockwise", "dynamic")
+#: Rows per 8-bit block of the blockwise int8 decoder (see quantize_decoder_int8).
+INT8_BLOCK_SIZE = 64
+
+
 def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
+                          method: str = "blockwise", block_size: int = INT8_BLOCK_SIZE,
                           per_channel: bool | None = True, reduce_range: bool | None = None) -> dict:
-    """An ONNX decoder folder -> onnxruntime dynamic int8 decoder folder (int8 weights, int8 activations
-    quantized per call).
+    """An ONNX decoder folder -> int8 decoder folder.
+
+    Two methods:
+
+    - ``blockwise`` (default): 8-bit weights with one scale per ``block_size`` input rows in ``MatMulNBits``
+      with ``accuracy_level=4``: int8 dot products on activations quantized per block inside the kernel, no
+      quantization nodes in the graph (llama.cpp's Q8_0 scheme). The tied embedding of a native graph stays
+      one table (``GatherBlockQuantized`` reads the same integers).
+    - ``dynamic``: onnxruntime's dynamic int8 (``MatMulInteger``; activations quantized per call with one
+      scale, weights per column). Faster from batch ~8 on CPUs with VNNI, less close to the float model.
 
     Args:
         src_folder: a decoder folder from :func:`tfaccel.onnx.decoder_export.export_decoder`.
         dst_folder: where to write ``decoder.onnx`` + ``decoder.json``.
-        per_channel: one scale per output column of each weight (default: on; token agreement matters
-            more for a decoder than the few scales it costs); None: as ``tfaccel.compat`` says for this CPU.
-        reduce_range: 7-bit weights; None: as ``tfaccel.compat`` says for this CPU (on without VNNI, where
-            onnxruntime's u8s8 products can saturate their 16-bit sums).
+        method: ``"blockwise"`` or ``"dynamic"``.
+        block_size: ``blockwise``: rows per block, a power of two from 16 to 256.
+        per_channel: ``dynamic``: one scale per output column of each weight (default: on; token agreement
+            matters more for a decoder than the few scales it costs); None: as ``tfaccel.compat`` says.
+        reduce_range: ``dynamic``: 7-bit weights; None: as ``tfaccel.compat`` says for this CPU (on without
+            VNNI, where onnxruntime's u8s8 products can saturate their 16-bit sums).
 
     Returns:
         What was done: the settings, Gemms rewritten, MatMuls quantized.
@@ -160,6 +177,11 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     Example:
         >>> quantize_decoder_int8("out/stages/01-onnx-decoder", "gpt2-int8")  # doctest: +SKIP
     """
+    if method not in INT8_METHODS:
+        raise ValueError(f"method must be one of {INT8_METHODS}. Received: method={method!r}")
+    if method == "blockwise":
+        return _quantize_nbits(src_folder, dst_folder, bits=8, block_size=block_size, symmetric=True,
+                               accuracy_level=4, quantization="int8-blockwise")
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -169,7 +191,8 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
         settings = capabilities().ort_int8_settings()
         reduce_range = settings["reduce_range"] if reduce_range is None else reduce_range
         per_channel = settings["per_channel"] if per_channel is None else per_channel
-    layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
+    # MatMulInteger takes a MatMul's [K, N] weight: a tied head becomes its own (transposed) int8 copy
+    layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder, untie=True)
     matmuls = _count(model, "MatMul")
     staged = dst / ".decoder.prepared.onnx"
     try:
@@ -181,8 +204,9 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     finally:
         staged.unlink(missing_ok=True)
     quantized = _count(onnx.load(str(dst / DECODER_FILE), load_external_data=False), "MatMulInteger")
-    info = {"quantization": "ort-dynamic-int8", "per_channel": per_channel, "reduce_range": bool(reduce_range),
-            "gemm_rewritten": rewritten, "matmuls": matmuls, "matmuls_quantized": quantized}
+    info = {"quantization": "ort-dynamic-int8", "method": "dynamic", "per_channel": per_channel,
+            "reduce_range": bool(reduce_range), "gemm_rewritten": rewritten, "matmuls": matmuls,
+            "matmuls_quantized": quantized}
     write_layout(dst, layout, **_carried(src_info), **info)
     return info
 
@@ -301,7 +325,7 @@ def _gathers_on_packed(nodes, graph, packed_tables, bits: int, block_size: int, 
 def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
                           block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4) -> dict:
     """An ONNX decoder folder -> int4 weight-only decoder (``MatMulNBits``: 4-bit weights in blocks of
-    ``block_size`` input rows, one scale per block).
+    ``block_size`` input rows, one scale per block; round to nearest).
 
     Args:
         src_folder, dst_folder: as for :func:`quantize_decoder_int8`.
@@ -314,21 +338,28 @@ def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     Example:
         >>> quantize_decoder_int4("out/stages/01-onnx-decoder", "gpt2-int4", block_size=32)  # doctest: +SKIP
     """
-    import onnx
-
-    if block_size not in INT4_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {INT4_BLOCK_SIZES}. Received: block_size={block_size!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4. Received: accuracy_level={accuracy_level!r}")
+    return _quantize_nbits(src_folder, dst_folder, bits=4, block_size=block_size, symmetric=bool(symmetric),
+                           accuracy_level=accuracy_level, quantization="int4-weight-only")
+
+
+def _quantize_nbits(src_folder, dst_folder, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+                    quantization: str) -> dict:
+    if block_size not in NBITS_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {NBITS_BLOCK_SIZES}. Received: block_size={block_size!r}")
+    from tfaccel.onnx.decoder_export import save_decoder_model
+
     layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
-    matmuls = _count(model, "MatMul")
-    quantized = matmul_to_nbits(model, block_size=block_size, symmetric=bool(symmetric),
+    matmuls = _count(model, "MatMul") + _count(model, "Gemm")
+    quantized = matmul_to_nbits(model, bits=bits, block_size=block_size, symmetric=symmetric,
                                 accuracy_level=accuracy_level)
-    with atomic_file(dst / DECODER_FILE) as tmp:
-        onnx.save(model, str(tmp))
-    info = {"quantization": "int4-weight-only", "block_size": block_size, "symmetric": bool(symmetric),
+    save_decoder_model(model, dst / DECODER_FILE)
+    info = {"quantization": quantization, "bits": bits, "block_size": block_size, "symmetric": symmetric,
             "accuracy_level": accuracy_level, "gemm_rewritten": rewritten, "matmuls": matmuls,
-            "matmuls_quantized": quantized}
+            "matmuls_quantized": quantized, "tied_embedding": _count(model, "GatherBlockQuantized") > 0}
+    if bits == 8:
+        info["method"] = "blockwise"
     write_layout(dst, layout, **_carried(src_info), **info)
     return info
 
