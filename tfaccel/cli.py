@@ -74,8 +74,8 @@ def _parse_step_options(values):
     return out
 
 
-#: Steps whose int8 calibration reads --calibration-data.
-_CALIBRATING_STEPS = ("tftrt", "tensorrt")
+#: Steps whose calibration reads --calibration-data (int8 engines; GPTQ / AWQ on a causal LM's text).
+_CALIBRATING_STEPS = ("tftrt", "tensorrt", "gptq", "awq")
 
 
 def _data_options(args, names: list[str], options: dict[str, dict]) -> str | None:
@@ -270,11 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eval-data", metavar="FILE.npz",
                    help="your labelled eval data: one array per model input plus 'labels'; every stage's accuracy "
                         "is measured on it and each step's accuracy budget applies")
-    o.add_argument("--eval-texts", metavar="FILE.csv|FILE.jsonl",
-                   help="your labelled texts ('text', 'label'), tokenized with the model's tokenizer (preset / "
-                        "Hugging Face folder); used like --eval-data")
+    o.add_argument("--eval-texts", metavar="FILE",
+                   help="your labelled texts ('text', 'label' in .csv / .jsonl), tokenized with the model's tokenizer "
+                        "(preset / Hugging Face folder); used like --eval-data. For a causal LM: held-out text "
+                        "(.txt, .jsonl / .csv with 'text') that generation steps measure perplexity and KL on")
     o.add_argument("--calibration-data", metavar="FILE",
-                   help="int8 calibration data for tftrt / tensorrt (.npz of inputs, or .csv / .jsonl texts)")
+                   help="int8 calibration data for tftrt / tensorrt (.npz of inputs, or .csv / .jsonl texts); "
+                        "for a causal LM, gptq / awq calibration text (.txt / .jsonl / .csv, or .npz of token_ids)")
     o.add_argument("--train-data", metavar="FILE",
                    help="prune-structured's fine-tuning data (.npz of inputs with optional 'labels', or texts)")
     o.add_argument("--no-measure", action="store_true", help="validate only, skip latency measurement")

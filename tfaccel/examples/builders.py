@@ -301,7 +301,9 @@ def build_gpt2_bbc(target: Path, progress=None, steps: int = 600, batch: int = 1
 def gpt2_bbc(progress=None):
     """The GPT-2 trained on BBC News (:func:`build_gpt2_bbc`), built once and cached under :func:`cache_dir`.
 
-    Its sample inputs are 8 held-out BBC windows of 128 tokens: real text prompts."""
+    Its sample inputs are 8 held-out BBC windows of 128 tokens: real text prompts. All held-out windows are its
+    eval split (``eval_inputs``, no labels: the held-out text generation steps measure perplexity and KL
+    divergence on), and MiniLM's WordPiece vocabulary is its tokenizer (``--eval-texts`` files)."""
     import keras
     import keras_hub  # noqa: F401  (registers classes for load_model)
 
@@ -311,7 +313,8 @@ def gpt2_bbc(progress=None):
     model = keras.saving.load_model(str(final / "model.keras"), compile=False)
     with np.load(final / "data.npz") as d:
         held = d["eval_token_ids"][:, :-1]
-    src = _source(model, "gpt2-bbc", path=str(final), task="causal_lm",
+    src = _source(model, "gpt2-bbc", path=str(final), task="causal_lm", tokenizer_preset=minilm_dir(),
+                  eval_inputs={"token_ids": held, "padding_mask": np.ones_like(held)},
                   description=f"GPT-2 (4 layers, hidden 256) trained here on BBC News, held-out perplexity "
                               f"{meta['eval_perplexity']:.0f}, next-token accuracy {meta['eval_next_token_accuracy']:.3f}")
     src.sample_inputs = {"token_ids": held[:8], "padding_mask": np.ones_like(held[:8])}

@@ -7,6 +7,7 @@ Files:
 - ``.txt``: plain text, one document (the whole file).
 - ``.jsonl``: one JSON object per line with a ``"text"`` key; each line is a document.
 - ``.csv``: a header row with a ``text`` column; each row is a document.
+- ``.npz``: already tokenized: a ``token_ids`` array ``[windows, width]`` (used as it is).
 
 Documents are tokenized one by one and joined into one token stream, with the tokenizer's end token
 between them where it has one (``<|endoftext|>`` for GPT-2, ``[SEP]`` for a WordPiece vocabulary), then cut
@@ -43,7 +44,7 @@ def read_documents(path: str | os.PathLike, what: str = "--eval-texts") -> list[
     name = f"{what} {str(p)!r}"
     if p.suffix.lower() not in TEXT_FILE_SUFFIXES:
         raise DataFileError(f"{name}: unknown file type {p.suffix or '(no suffix)'!r}. For a language model pass "
-                            "plain text (.txt), or .jsonl / .csv with a 'text' key / column.")
+                            "plain text (.txt), .jsonl / .csv with a 'text' key / column, or an .npz of token_ids.")
     if not p.is_file():
         raise DataFileError(f"{name} does not exist or is not a file. Check the path.")
     if p.suffix.lower() == ".txt":
@@ -119,12 +120,72 @@ def token_windows(documents: list[str], tokenizer, width: int = DEFAULT_WINDOW) 
     return stream[: n * width].reshape(n, width)
 
 
+def load_windows(source, path: str | os.PathLike, width: int | None = None, what: str = "--eval-texts"):
+    """Held-out windows ``[windows, width]`` for a causal LM source from a text file or an ``.npz`` of
+    ``token_ids`` (module docstring), and a description for reports.
+
+    Raises:
+        DataFileError: the file cannot be used, the model has no tokenizer, or the source is no causal LM.
+    """
+    if source.task != "causal_lm":
+        raise DataFileError(f"{what} {str(path)!r}: held-out text is for causal language models; {source.name!r} is "
+                            f"a {source.task} model (for a classifier pass labelled texts with 'text' and 'label').")
+    limit = source.max_sequence_length
+    if Path(path).suffix.lower() == ".npz":
+        windows = _npz_windows(path, what)
+        desc = f"{path} ({len(windows)} windows of {windows.shape[1]} tokens)"
+    else:
+        docs = read_documents(path, what)
+        width = width or (min(DEFAULT_WINDOW, limit) if limit else DEFAULT_WINDOW)
+        windows = token_windows(docs, causal_lm_tokenizer(source), width)
+        desc = f"{path} ({len(docs)} documents, {len(windows)} windows of {width} tokens)"
+    vocab = source.vocab_size
+    if vocab and (int(windows.max()) >= vocab or int(windows.min()) < 0):
+        raise DataFileError(f"{what} {str(path)!r}: token ids range over [{int(windows.min())}, {int(windows.max())}], "
+                            f"outside the model's vocabulary of {vocab}. The model and its tokenizer do not match.")
+    if limit and windows.shape[1] > limit:
+        raise DataFileError(f"{what} {str(path)!r}: windows of {windows.shape[1]} tokens, longer than the model's "
+                            f"maximum length {limit}.")
+    return windows, desc
+
+
+def _npz_windows(path, what: str) -> np.ndarray:
+    import zipfile
+
+    p = Path(path)
+    if not p.is_file() or not zipfile.is_zipfile(p):
+        raise DataFileError(f"{what} {str(p)!r} is not a readable .npz. Save the windows with "
+                            "np.savez(path, token_ids=windows).")
+    with np.load(p, allow_pickle=False) as data:
+        if "token_ids" not in data.files:
+            raise DataFileError(f"{what} {str(p)!r} has no 'token_ids' array (it has {sorted(data.files)}). Save the "
+                                "held-out windows as token_ids [windows, width].")
+        ids = data["token_ids"]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise DataFileError(f"{what} {str(p)!r}: 'token_ids' must be integer windows [windows, width >= 2]; it is "
+                            f"{ids.dtype} {ids.shape}.")
+    return ids.astype(np.int32)
+
+
+def with_calibration_texts(source, path: str | os.PathLike, width: int | None = None):
+    """A copy of a causal LM source whose GPTQ / AWQ calibration runs on the text in ``path`` (the formats of
+    :func:`with_eval_texts`; carried as ``calibration_inputs``).
+
+    Raises:
+        DataFileError: as :func:`with_eval_texts`.
+    """
+    windows, desc = load_windows(source, path, width, what="--calibration-data")
+    return dataclasses.replace(source, calibration_inputs={"token_ids": windows,
+                                                           "padding_mask": np.ones_like(windows)},
+                               data_files={**source.data_files, "calibration": desc})
+
+
 def with_eval_texts(source, path: str | os.PathLike, width: int | None = None):
     """A copy of a causal LM source whose eval split is the held-out text in ``path`` (module docstring).
 
     Args:
         source: a causal LM :class:`tfaccel.sources.ModelSource` with a tokenizer (:func:`causal_lm_tokenizer`).
-        path: ``.txt``, ``.jsonl`` or ``.csv``.
+        path: ``.txt``, ``.jsonl``, ``.csv``, or an ``.npz`` of ``token_ids`` windows.
         width: tokens per window (default 128, or the model's maximum length if shorter).
 
     Raises:
@@ -135,18 +196,7 @@ def with_eval_texts(source, path: str | os.PathLike, width: int | None = None):
         >>> src.eval_inputs["token_ids"].shape  # doctest: +SKIP
         (412, 128)
     """
-    if source.task != "causal_lm":
-        raise DataFileError(f"{str(path)!r}: held-out text is for causal language models; {source.name!r} is a "
-                            f"{source.task} model (for a classifier pass labelled texts with 'text' and 'label').")
-    docs = read_documents(path)
-    limit = source.max_sequence_length
-    width = width or (min(DEFAULT_WINDOW, limit) if limit else DEFAULT_WINDOW)
-    windows = token_windows(docs, causal_lm_tokenizer(source), width)
-    vocab = source.vocab_size
-    if vocab and int(windows.max()) >= vocab:
-        raise DataFileError(f"{str(path)!r}: the tokenizer gives ids up to {int(windows.max())}, outside the model's "
-                            f"vocabulary of {vocab}. The model and its tokenizer do not match.")
-    desc = f"{path} ({len(docs)} documents, {len(windows)} windows of {width} tokens)"
+    windows, desc = load_windows(source, path, width)
     return dataclasses.replace(source, eval_inputs={"token_ids": windows, "padding_mask": np.ones_like(windows)},
                                eval_labels=None, data_files={**source.data_files, "eval": desc})
 

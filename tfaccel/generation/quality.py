@@ -211,16 +211,16 @@ def _is_plain_callable(obj) -> bool:
         and not hasattr(obj, "logits")
 
 
-def describe(measures: dict, reference: str = "the reference") -> str:
+def describe(measures: dict, reference: str = "the reference", through: str = "its decode steps") -> str:
     """One line for a report: the measures and what they were measured on."""
-    return (f"on {measures['positions']} held-out next tokens (teacher-forced through its decode steps): perplexity "
+    return (f"on {measures['positions']} held-out next tokens (teacher-forced through {through}): perplexity "
             f"{measures['perplexity']:.4g} vs {measures['reference_perplexity']:.4g} for {reference} (ratio "
             f"{measures['perplexity_ratio']:.5f}), KL divergence {measures['kl_divergence']:.3g}, same top token "
             f"{measures['same_top']:.2%}")
 
 
 def validate_quality(ctx, candidate, budget: QualityBudget, step_name: str, *, windows: int = DEFAULT_EVAL_WINDOWS,
-                     what: str = "decoder") -> dict | None:
+                     what: str = "decoder", through: str = "its decode steps") -> dict | None:
     """A step's quality check on the source's held-out text: measure ``candidate`` against the source model
     (:func:`quality_measures`), note the figures, and fail the step when ``budget`` is exceeded.
 
@@ -231,6 +231,7 @@ def validate_quality(ctx, candidate, budget: QualityBudget, step_name: str, *, w
         step_name: named in the error, with the options that loosen the budget.
         windows: how many held-out windows to score.
         what: how the artifact is named in the note.
+        through: how its logits were computed, for the note.
 
     Returns:
         The measures, or None when the source has no held-out text (nothing to measure on).
@@ -245,7 +246,7 @@ def validate_quality(ctx, candidate, budget: QualityBudget, step_name: str, *, w
     if ids is None:
         return None
     measures = quality_measures(ctx.source.model, candidate, ids, vocabulary_size=ctx.source.vocab_size)
-    ctx.note(f"quality {describe(measures, 'the Keras model')}")
+    ctx.note(f"quality {describe(measures, 'the Keras model', through)}")
     breaches = budget.breaches(measures)
     if breaches:
         opts = {"perplexity": "max_perplexity_ratio", "KL": "max_kl", "same": "min_same_top"}

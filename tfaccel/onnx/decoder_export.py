@@ -377,7 +377,7 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, gra
 
         if log:
             log(f"  writing the {layout.family} decode step as an ONNX graph ({layout.num_layers} layers, native)")
-        model, layout = build_native_decoder(causal_lm, opset=max(opset, 17))
+        model, layout = build_native_decoder(causal_lm, layout, opset=max(opset, 17))
         save_decoder_model(model, folder / DECODER_FILE)
         write_layout(folder, layout, output_name=names[0], onnx_file=DECODER_FILE, opset=max(opset, 17),
                      graph=graph)

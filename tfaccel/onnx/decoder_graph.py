@@ -42,6 +42,8 @@ NATIVE_FAMILIES = {"GPT2CausalLM": "gpt2", "Llama3CausalLM": "llama", "LlamaCaus
                    "MistralCausalLM": "llama", "QwenCausalLM": "llama"}
 EMBEDDING = "tfaccel_token_embedding"
 LM_HEAD = "tfaccel_lm_head"
+#: Block sizes MatMulNBits takes (rows of K per scale).
+NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
 #: Rotary tables of a Llama-class native graph cover this many positions unless told otherwise.
 DEFAULT_MAX_POSITIONS = 4096
 _LAYER_NORM_EPSILON = 1e-5  # GPT-2's
@@ -165,8 +167,6 @@ def _kernel(dense, rows: int | None = None):
     """A Dense / EinsumDense layer's weight as ``[K, N]`` float32, or its :class:`QuantizedMatrix`."""
     mode = getattr(dense, "quantization_mode", None)
     if mode in ("gptq", "awq"):
-        from tfaccel.onnx.decoder_quantize import keras_quantized_matrix
-
         return keras_quantized_matrix(dense)
     w = np.asarray(dense.kernel, np.float32)
     return _f32(w.reshape(rows, -1) if rows else w.reshape(-1, w.shape[-1]))
@@ -447,12 +447,14 @@ def _sliding_window(attn) -> int | None:
     return int(window) if window else None
 
 
-def build_native_decoder(causal_lm, *, opset: int = 17, max_positions: int | None = None):
-    """The model's decode step as an ONNX ModelProto (module docstring), and its :class:`DecoderLayout`.
+def build_native_decoder(causal_lm, layout, *, opset: int = 17, max_positions: int | None = None):
+    """The model's decode step as an ONNX ModelProto (module docstring), and its decoder layout.
 
     Args:
         causal_lm: a keras-hub GPT2CausalLM, LlamaCausalLM, Llama3CausalLM, MistralCausalLM or QwenCausalLM
             (float32, or with GPTQ / AWQ quantized layers, whose integers are carried unchanged).
+        layout: its :class:`tfaccel.onnx.decoder_export.DecoderLayout` (``decoder_layout(causal_lm)``); the one
+            returned has the native cache layout and, for the Llama class, the rotary tables' length.
         opset: the ONNX opset (17 or later: LayerNormalization).
         max_positions: Llama class: positions the rotary tables cover (default 4096), which becomes the
             decoder's maximum length.
@@ -461,13 +463,11 @@ def build_native_decoder(causal_lm, *, opset: int = 17, max_positions: int | Non
         StepError: :func:`native_refusal` names a reason.
 
     Example:
-        >>> model, layout = build_native_decoder(gpt2_causal_lm)  # doctest: +SKIP
+        >>> model, layout = build_native_decoder(gpt2_causal_lm, decoder_layout(gpt2_causal_lm))  # doctest: +SKIP
         >>> len(model.graph.node) < 200  # doctest: +SKIP
         True
     """
     from onnx import helper
-
-    from tfaccel.onnx.decoder_export import decoder_layout
 
     reason = native_refusal(causal_lm)
     if reason:
@@ -475,7 +475,6 @@ def build_native_decoder(causal_lm, *, opset: int = 17, max_positions: int | Non
     if opset < 17:
         raise StepError(f"The native decoder graph needs opset 17 or later (LayerNormalization). Received: {opset}")
     family = native_family(causal_lm)
-    layout = decoder_layout(causal_lm)
     g = _Graph()
     if family == "gpt2":
         _gpt2_graph(g, causal_lm, layout)
@@ -491,3 +490,70 @@ def build_native_decoder(causal_lm, *, opset: int = 17, max_positions: int | Non
                               producer_name="tfaccel")
     model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.2x reads IR 10
     return model, layout
+
+
+def keras_quantized_matrix(layer):
+    """A Keras GPTQ / AWQ quantized ``Dense`` / ``EinsumDense`` layer's integers, group scales and zero points in
+    ``MatMulNBits``' layout, unchanged (not quantized again): a :class:`tfaccel.onnx.decoder_graph.QuantizedMatrix`.
+
+    Keras keeps ``quantized_kernel`` ``[N (two 4-bit values a byte), K]`` with values ``0 .. 2**bits - 1``,
+    ``kernel_scale`` / ``kernel_zero`` ``[N, groups]`` and ``g_idx`` (each input row's group); a weight is
+    ``(q - zero) * scale`` (AWQ: divided by ``awq_scales`` per input row, which becomes a multiplication of the
+    layer's input by ``1 / awq_scales``). ``MatMulNBits`` wants ``[N, k_blocks, block * bits / 8]`` with the
+    same arithmetic, the blocks being contiguous runs of input rows.
+
+    Raises:
+        StepError: the groups are not contiguous runs of a power-of-two size from 16 to 256 (GPTQ's
+            ``activation_order=True`` reorders them; ``group_size=-1`` is one group per column).
+    """
+    from keras import ops, quantizers
+
+    mode = layer.quantization_mode
+    bits = 4 if mode == "awq" else int(_policy_attr(layer, "weight_bits", 4))
+    scale = np.asarray(layer.kernel_scale, np.float32)
+    zero = np.asarray(layer.kernel_zero).astype(np.uint8)
+    g_idx = np.asarray(layer.g_idx).astype(np.int64)
+    n, groups = scale.shape
+    k = int(g_idx.shape[0])
+    packed = ops.convert_to_numpy(layer.quantized_kernel)
+    q = np.asarray(ops.convert_to_numpy(quantizers.unpack_int4(packed, orig_len=n, axis=0, dtype="uint8"))
+                   if bits == 4 else packed, np.uint8)  # [N, K]
+    block = -(-k // groups)
+    contiguous = np.array_equal(g_idx, np.arange(k) // block)
+    if block not in NBITS_BLOCK_SIZES or not contiguous:
+        raise StepError(f"{layer.path}: {mode} groups of {block} input rows{'' if contiguous else ' in activation order'}"
+                        f" cannot be carried into MatMulNBits, which needs contiguous blocks of {NBITS_BLOCK_SIZES} "
+                        "rows. Quantize with group_size in that list and activation_order=False.")
+    limit = (1 << bits) - 1
+    if int(zero.max()) > limit:
+        raise StepError(f"{layer.path}: {mode} zero points up to {int(zero.max())} do not fit {bits} bits (Keras 3.15 does "
+                        "not clamp asymmetric zero points, keras-team/keras#23512). Quantize with symmetric=True.")
+    per_byte = 8 // bits
+    k_blocks = -(-k // block)
+    full = np.zeros((n, k_blocks * block), np.uint8)
+    full[:, :k] = q
+    full = full.reshape(n, k_blocks, block)
+    zp = zero
+    if bits == 4:
+        full = (full[..., 0::2] | (full[..., 1::2] << 4)).astype(np.uint8)
+        if k_blocks % 2:
+            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+    assert full.shape == (n, k_blocks, block // per_byte)
+    input_scale = None
+    if mode == "awq":
+        input_scale = (1.0 / np.asarray(layer.awq_scales, np.float32)).astype(np.float32)
+    return QuantizedMatrix(packed=np.ascontiguousarray(full), scales=np.ascontiguousarray(scale),
+                           zero_points=np.ascontiguousarray(zp), bits=bits, block_size=block, k=k, n=n,
+                           input_scale=input_scale, source=mode)
+
+
+def _policy_attr(layer, name: str, default):
+    policy = getattr(layer, "dtype_policy", None)
+    value = getattr(policy, name, None)
+    if value is None and hasattr(policy, "__getitem__"):
+        try:
+            value = getattr(policy[layer.path], name, None)
+        except (KeyError, TypeError):
+            value = None
+    return default if value is None else value

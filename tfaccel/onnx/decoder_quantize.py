@@ -21,9 +21,7 @@ import numpy as np
 
 from tfaccel.core.files import atomic_file
 from tfaccel.onnx.decoder_export import DECODER_FILE, read_layout, write_layout
-
-NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
-
+from tfaccel.onnx.decoder_graph import NBITS_BLOCK_SIZES
 
 _FOLDABLE = {"Identity", "Transpose", "Reshape", "Shape", "Gather", "ReduceProd", "Concat", "Unsqueeze", "Squeeze",
              "Cast", "Slice", "Mul", "Add", "Sub", "Div"}
@@ -352,12 +350,14 @@ def _quantize_nbits(src_folder, dst_folder, *, bits: int, block_size: int, symme
 
     layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
     matmuls = _count(model, "MatMul") + _count(model, "Gemm")
+    already = _count(model, "MatMulNBits")  # carried GPTQ / AWQ products stay as they are
     quantized = matmul_to_nbits(model, bits=bits, block_size=block_size, symmetric=symmetric,
                                 accuracy_level=accuracy_level)
     save_decoder_model(model, dst / DECODER_FILE)
     info = {"quantization": quantization, "bits": bits, "block_size": block_size, "symmetric": symmetric,
             "accuracy_level": accuracy_level, "gemm_rewritten": rewritten, "matmuls": matmuls,
-            "matmuls_quantized": quantized, "tied_embedding": _count(model, "GatherBlockQuantized") > 0}
+            "matmuls_quantized": quantized, "already_quantized": already,
+            "tied_embedding": _count(model, "GatherBlockQuantized") > 0}
     if bits == 8:
         info["method"] = "blockwise"
     write_layout(dst, layout, **_carried(src_info), **info)
@@ -370,3 +370,4 @@ def copy_decoder(src_folder: str | os.PathLike, dst_folder: str | os.PathLike) -
     dst.mkdir(parents=True, exist_ok=True)
     for name in (DECODER_FILE, "decoder.json"):
         shutil.copy2(Path(src_folder) / name, dst / name)
+
