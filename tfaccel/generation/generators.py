@@ -201,6 +201,8 @@ class OnnxDecoderGenerator(_CacheDecoder):
         self.session = ort_cpu_session(model, intra_op_threads=int(intra_op_threads), spinning=spinning,
                                        purpose="running ONNX decoders")
         self._outputs = ["logits", *self.layout.present_names()]
+        # native graphs take logits_from: logits of the last position only where a step needs no more
+        self._last_only = "logits_from" in {i.name for i in self.session.get_inputs()}
 
     def _run(self, feed):
         ort = self._ort
@@ -217,10 +219,15 @@ class OnnxDecoderGenerator(_CacheDecoder):
         return {"past_len": 0, "buffers": {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._cache_dtype))
                                            for n in self.layout.past_names()}}
 
+    def _last(self, x) -> dict:
+        return {"logits_from": np.array([x.shape[1] - 1], np.int64)} if self._last_only else {}
+
     def _step_in_place(self, x, mask, state):
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", x)
         io.bind_cpu_input("attention_mask", mask)
+        for name, value in self._last(x).items():
+            io.bind_cpu_input(name, value)
         for past, present in zip(self.layout.past_names(), self.layout.present_names(), strict=True):
             io.bind_ortvalue_input(past, state["buffers"][past])
             io.bind_ortvalue_output(present, state["buffers"][past])
@@ -235,7 +242,7 @@ class OnnxDecoderGenerator(_CacheDecoder):
         if "buffers" in state:
             state["past_len"] = past_len + x.shape[1]
             return self._step_in_place(x, mask, state)[:, -1, :]
-        outs = self._run({"input_ids": x, "attention_mask": mask, **state["past"]})
+        outs = self._run({"input_ids": x, "attention_mask": mask, **self._last(x), **state["past"]})
         state["past"] = dict(zip(self.layout.past_names(), outs[1:], strict=True))  # stays in onnxruntime's buffers
         state["past_len"] = past_len + x.shape[1]
         logits = outs[0].numpy()
@@ -243,7 +250,8 @@ class OnnxDecoderGenerator(_CacheDecoder):
 
     def logits(self, token_ids, padding_mask):
         ids = np.asarray(token_ids, np.int32)
-        outs = self._run({"input_ids": ids, "attention_mask": np.asarray(padding_mask, np.int32),
+        every = {"logits_from": np.zeros(1, np.int64)} if self._last_only else {}
+        outs = self._run({"input_ids": ids, "attention_mask": np.asarray(padding_mask, np.int32), **every,
                           **self._empty_past(ids.shape[0])})
         return outs[0].numpy()
 

@@ -41,6 +41,8 @@ from tfaccel.errors import StepError
 NATIVE_FAMILIES = {"GPT2CausalLM": "gpt2", "Llama3CausalLM": "llama", "LlamaCausalLM": "llama",
                    "MistralCausalLM": "llama", "QwenCausalLM": "llama"}
 EMBEDDING = "tfaccel_token_embedding"
+#: Input of the native graphs: int64 ``[1]``, logits only from this position on (0: every position).
+LOGITS_FROM = "logits_from"
 LM_HEAD = "tfaccel_lm_head"
 #: Block sizes MatMulNBits takes (rows of K per scale).
 NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -260,7 +262,8 @@ def _io(layout, vocab: int):
 
     f, i = TensorProto.FLOAT, TensorProto.INT32
     inputs = [helper.make_tensor_value_info("input_ids", i, ["batch", "new"]),
-              helper.make_tensor_value_info("attention_mask", i, ["batch", "total"])]
+              helper.make_tensor_value_info("attention_mask", i, ["batch", "total"]),
+              helper.make_tensor_value_info(LOGITS_FROM, TensorProto.INT64, [1])]
     outputs = [helper.make_tensor_value_info("logits", f, ["batch", "new", vocab])]
     for li in range(layout.num_layers):
         for kind in ("key", "value"):
@@ -322,8 +325,11 @@ def _attention(g: _Graph, i: int, q: str, k: str, v: str, att, heads: int, kv_he
 
 
 def _lm_head(g: _Graph, x: str, head: np.ndarray | None, vocab: int, hidden: int) -> str:
-    """Logits ``[batch, new, vocab]``: ``Gemm(x, table, transB=1)`` on the tied embedding (stored once), or a
-    MatMul on an untied head ``[hidden, vocab]``."""
+    """Logits ``[batch, new - logits_from, vocab]``: ``Gemm(x, table, transB=1)`` on the tied embedding (stored
+    once), or a MatMul on an untied head ``[hidden, vocab]``, for the positions from the ``logits_from`` input on
+    (0: every position; a prefill that only needs the next token passes ``new - 1``, which spares the largest
+    product at every prompt position but the last)."""
+    x = g.op("Slice", [x, LOGITS_FROM, g.const([2**62]), g.const([1])])
     if head is not None:
         return g.op("MatMul", [x, g.init(LM_HEAD, head)], outputs=["logits"])
     shape = g.op("Shape", [x])

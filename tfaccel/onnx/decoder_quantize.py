@@ -147,7 +147,8 @@ INT8_BLOCK_SIZE = 64
 
 def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
                           method: str = "blockwise", block_size: int = INT8_BLOCK_SIZE,
-                          per_channel: bool | None = True, reduce_range: bool | None = None) -> dict:
+                          head_block_size: int | None = None, per_channel: bool | None = True,
+                          reduce_range: bool | None = None) -> dict:
     """An ONNX decoder folder -> int8 decoder folder.
 
     Two methods:
@@ -164,6 +165,7 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
         dst_folder: where to write ``decoder.onnx`` + ``decoder.json``.
         method: ``"blockwise"`` or ``"dynamic"``.
         block_size: ``blockwise``: rows per block, a power of two from 16 to 256.
+        head_block_size: ``blockwise``: the LM head's block (default ``block_size``).
         per_channel: ``dynamic``: one scale per output column of each weight (default: on; token agreement
             matters more for a decoder than the few scales it costs); None: as ``tfaccel.compat`` says.
         reduce_range: ``dynamic``: 7-bit weights; None: as ``tfaccel.compat`` says for this CPU (on without
@@ -179,7 +181,7 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
         raise ValueError(f"method must be one of {INT8_METHODS}. Received: method={method!r}")
     if method == "blockwise":
         return _quantize_nbits(src_folder, dst_folder, bits=8, block_size=block_size, symmetric=True,
-                               accuracy_level=4, quantization="int8-blockwise")
+                               accuracy_level=4, quantization="int8-blockwise", head_block_size=head_block_size)
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -230,13 +232,17 @@ def _pack_nbits(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
 
 
 def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bool = True,
-                    accuracy_level: int = 4) -> int:
+                    accuracy_level: int = 4, head_bits: int | None = None, head_block_size: int | None = None) -> int:
     """Replace every weight product by ``com.microsoft.MatMulNBits`` (4 or 8 bits, block-wise scales), in place.
 
     Quantized: ``MatMul`` with a 2-D float initializer, and ``Gemm(x, table, transB=1)`` without bias (the tied LM
     head of a native graph: the ``[vocab, hidden]`` table already is MatMulNBits' ``[N, K]`` layout). A
     ``Gather`` reading that same table becomes ``GatherBlockQuantized`` on the same packed integers, so the
-    table is stored once. Returns the number of products replaced.
+    table is stored once.
+
+    ``head_bits`` / ``head_block_size`` quantize the LM head (the tied table, or the product writing ``logits``)
+    differently from the rest (8-bit beside a 4-bit body: the table is also every token's input embedding).
+    Returns the number of products replaced.
     """
     from onnx import helper, numpy_helper
 
@@ -256,31 +262,36 @@ def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bo
                 return numpy_helper.to_array(inits[node.input[1]]).T, True
         return None, False
 
+    head = {"bits": bits, "block": block_size}
     for node in graph.node:
         w, tied = weight_of(node)
         if w is None or w.dtype != np.float32 or w.ndim != 2:
             new_nodes.append(node)
             continue
         rows, cols = w.shape
-        packed, scales, zero_points = _pack_nbits(w, bits, block_size, symmetric)
+        nbits, block = bits, block_size
+        if tied or "logits" in node.output:
+            nbits, block = head_bits or bits, head_block_size or block_size
+            head.update(bits=nbits, block=block)
+        packed, scales, zero_points = _pack_nbits(w, nbits, block, symmetric)
         base = f"{node.input[1]}_{count}"
-        graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q{bits}"),
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q{nbits}"),
                                   numpy_helper.from_array(scales, f"{base}_scales")])
-        inputs = [node.input[0], f"{base}_Q{bits}", f"{base}_scales"]
+        inputs = [node.input[0], f"{base}_Q{nbits}", f"{base}_scales"]
         if not symmetric:
             graph.initializer.append(numpy_helper.from_array(zero_points, f"{base}_zero_points"))
             inputs.append(f"{base}_zero_points")
         if tied:  # GatherBlockQuantized wants the scales with the packed data's rank
             graph.initializer.append(numpy_helper.from_array(scales[..., None], f"{base}_gather_scales"))
-            packed_tables[node.input[1]] = (f"{base}_Q{bits}", f"{base}_gather_scales", rows)
-        attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
+            packed_tables[node.input[1]] = (f"{base}_Q{nbits}", f"{base}_gather_scales", rows)
+        attrs = {"K": rows, "N": cols, "bits": nbits, "block_size": block}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{nbits}",
                                           domain="com.microsoft", **attrs))
         count += 1
     if packed_tables:
-        new_nodes = _gathers_on_packed(new_nodes, graph, packed_tables, bits, block_size, symmetric)
+        new_nodes = _gathers_on_packed(new_nodes, graph, packed_tables, head["bits"], head["block"], symmetric)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -321,7 +332,8 @@ def _gathers_on_packed(nodes, graph, packed_tables, bits: int, block_size: int, 
 
 
 def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
-                          block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4) -> dict:
+                          block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
+                          head_bits: int = 4, head_block_size: int | None = None) -> dict:
     """An ONNX decoder folder -> int4 weight-only decoder (``MatMulNBits``: 4-bit weights in blocks of
     ``block_size`` input rows, one scale per block; round to nearest).
 
@@ -332,29 +344,36 @@ def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.Pa
         symmetric: symmetric 4-bit blocks (no zero points).
         accuracy_level: MatMulNBits' compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
             (fastest on x86 CPUs).
+        head_bits, head_block_size: the LM head's bits (4 or 8) and block (default ``block_size``); with a tied
+            embedding the same table is every token's input embedding.
 
     Example:
         >>> quantize_decoder_int4("out/stages/01-onnx-decoder", "gpt2-int4", block_size=32)  # doctest: +SKIP
     """
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4. Received: accuracy_level={accuracy_level!r}")
+    if head_bits not in (4, 8):
+        raise ValueError(f"head_bits must be 4 or 8. Received: head_bits={head_bits!r}")
     return _quantize_nbits(src_folder, dst_folder, bits=4, block_size=block_size, symmetric=bool(symmetric),
-                           accuracy_level=accuracy_level, quantization="int4-weight-only")
+                           accuracy_level=accuracy_level, quantization="int4-weight-only", head_bits=head_bits,
+                           head_block_size=head_block_size)
 
 
 def _quantize_nbits(src_folder, dst_folder, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
-                    quantization: str) -> dict:
-    if block_size not in NBITS_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {NBITS_BLOCK_SIZES}. Received: block_size={block_size!r}")
+                    quantization: str, head_bits: int | None = None, head_block_size: int | None = None) -> dict:
+    for name, b in (("block_size", block_size), ("head_block_size", head_block_size or block_size)):
+        if b not in NBITS_BLOCK_SIZES:
+            raise ValueError(f"{name} must be one of {NBITS_BLOCK_SIZES}. Received: {name}={b!r}")
     from tfaccel.onnx.decoder_export import save_decoder_model
 
     layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
     matmuls = _count(model, "MatMul") + _count(model, "Gemm")
     already = _count(model, "MatMulNBits")  # carried GPTQ / AWQ products stay as they are
     quantized = matmul_to_nbits(model, bits=bits, block_size=block_size, symmetric=symmetric,
-                                accuracy_level=accuracy_level)
+                                accuracy_level=accuracy_level, head_bits=head_bits, head_block_size=head_block_size)
     save_decoder_model(model, dst / DECODER_FILE)
     info = {"quantization": quantization, "bits": bits, "block_size": block_size, "symmetric": symmetric,
+            "head_bits": head_bits or bits, "head_block_size": head_block_size or block_size,
             "accuracy_level": accuracy_level, "gemm_rewritten": rewritten, "matmuls": matmuls,
             "matmuls_quantized": quantized, "already_quantized": already,
             "tied_embedding": _count(model, "GatherBlockQuantized") > 0}
