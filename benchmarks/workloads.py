@@ -25,7 +25,6 @@ own ``generate`` and, for steps that export a ``generate_greedy`` signature, tha
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,17 +47,19 @@ ROW_LABELS: dict[tuple[str, ...], str] = {
     ("onnx-decoder",): "onnxruntime KV-cache decoder fp32 (prefill)",
     ("onnx-decoder", "ort-decoder-int8"): "onnxruntime KV-cache decoder int8 (prefill)",
     ("onnx-decoder", "ort-decoder-int4"): "onnxruntime KV-cache decoder int4 (prefill)",
+    ("export", "openvino"): "OpenVINO (CPU's default precision)",
+    ("export", "openvino", "ov-int8"): "OpenVINO int8 (tfaccel ov-int8)",
 }
 
 # The steps that make each artifact kind from a Keras model: a step consuming that kind runs after them.
 PREREQUISITES: dict[str, tuple[str, ...]] = {"keras": (), "saved_model": ("export",), "onnx": ("export", "onnx"),
-                                             "onnx_decoder": ("onnx-decoder",)}
+                                             "onnx_decoder": ("onnx-decoder",), "openvino": ("export", "openvino")}
 
 RUNTIMES = {"keras": "keras", "saved_model": "tensorflow", "onnx": "onnxruntime", "tensorrt": "tensorrt",
-            "tflite": "litert", "onnx_decoder": "onnxruntime", "tensorrt_decoder": "tensorrt"}
+            "tflite": "litert", "onnx_decoder": "onnxruntime", "tensorrt_decoder": "tensorrt", "openvino": "openvino"}
 
 # Steps whose math is not float32, by name; other steps are judged by their name, policy and tolerance.
-REDUCED_PRECISION = {"ort-int8": "int8", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16",
+REDUCED_PRECISION = {"ort-int8": "int8", "ov-int8": "int8", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16",
                      "ort-decoder-int8": "int8", "ort-decoder-int4": "int4", "tensorrt-decoder": "float16"}
 _REDUCED_WORDS = ("int8", "int4", "float16", "fp16", "bf16", "fp8", "quant", "prun", "sparse")
 
@@ -111,18 +112,30 @@ class BuildContext:
     log: Callable[[str], None]
     shapes: Sequence[tuple[int, int]] = ((1, 16),)  # checked by Pipeline.plan (e.g. against max length)
     step_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    _builder: Any = None
 
     def make_step(self, name: str):
         return make_step(name, self.step_options)
 
+    @property
+    def builder(self):
+        """The workload's :class:`tfaccel.core.chain.ChainBuilder`: chains share their built prefixes."""
+        if self._builder is None:
+            from tfaccel.core.chain import ChainBuilder
+
+            self._builder = ChainBuilder(self.source, self.work_dir / "chains", self.log)
+        return self._builder
+
     def drop_keras_artifacts(self, keep: Sequence[Sequence[str]] = ()) -> None:
         """Forget in-memory Keras models made by steps (runners keep what they loaded), except those
         of chains that a later row starts with (``keep``: the later rows' step chains)."""
-        needed = {tuple(c[:i]) for c in keep for i in range(1, len(c) + 1)}
-        for key, value in list(self.cache.items()):
-            if isinstance(value, tuple) and getattr(value[0], "kind", None) == "keras" and key[1] not in needed:
-                del self.cache[key]
+        from tfaccel.core.chain import step_key
+
+        needed = set()
+        for chain in keep:
+            keys = [step_key(self.make_step(n)) for n in chain if n in _step_names()]
+            needed |= {tuple(keys[:i]) for i in range(1, len(keys) + 1)}
+        self.builder.forget_keras(needed)
 
 
 @dataclasses.dataclass
@@ -241,47 +254,19 @@ def default_chains() -> list[tuple[str, ...]]:
     return chains
 
 
+def _step_names() -> set[str]:
+    from tfaccel import available_steps
+
+    return set(available_steps())
+
+
 def build_chain(chain: tuple[str, ...], ctx: BuildContext):
-    """The artifact after running ``chain``'s steps, reusing any prefix already built.
-    Returns (artifact, seconds spent on this chain's own last step)."""
-    from tfaccel.core.artifact import Artifact
-
-    if not chain:
-        src = ctx.source
-        return Artifact(kind=src.kind, path=src.path if src.kind != "keras" else None, model=src.model,
-                        dict_inputs=src.dict_inputs, input_names=src.input_names), 0.0
-    key = ("chain", chain)
-    if key in ctx.cache:
-        if isinstance(ctx.cache[key], BaseException):
-            raise RuntimeError(f"not built: step '{chain[-1]}' failed earlier in this workload "
-                               f"({type(ctx.cache[key]).__name__})")
-        return ctx.cache[key]
-    try:
-        return _apply_step(chain, key, ctx)
-    except Exception as exc:
-        ctx.cache[key] = exc
-        raise
-
-
-def _apply_step(chain: tuple[str, ...], key, ctx: BuildContext):
-    from tfaccel import StepContext
-
-    previous, _ = build_chain(chain[:-1], ctx)
-    step = ctx.make_step(chain[-1])
-    stage_dir = ctx.work_dir / ("steps-" + "+".join(chain))
-    if stage_dir.exists():  # a Keras artifact dropped from memory and now made again
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True)
-    notes: list[str] = []
-    sctx = StepContext(source=ctx.source, stage_dir=stage_dir, log=ctx.log, notes=notes)
-    ctx.log(f"  tfaccel step '{step.name}' ({' -> '.join(chain)})")
-    t0 = time.perf_counter()
-    artifact = step.apply(previous, sctx)
-    seconds = time.perf_counter() - t0
-    ctx.log(f"  step '{step.name}' built in {seconds:.1f}s")
-    artifact.info = dict(artifact.info, notes=notes)
-    ctx.cache[key] = (artifact, seconds)
-    return artifact, seconds
+    """The artifact after running ``chain``'s steps (the workload's chain builder reuses any prefix already
+    built; a prefix that failed fails again at once, naming its step). Returns (artifact, seconds of every
+    step of the chain); the steps' notes are in ``artifact.info["notes"]``."""
+    built = ctx.builder.build("+".join(chain) or "reference", [ctx.make_step(n) for n in chain])
+    built.artifact.info = dict(built.artifact.info, notes=list(built.notes))
+    return built.artifact, built.seconds
 
 
 def tfaccel_row(chain: Sequence[str], name: str | None = None) -> RowSpec:
@@ -295,8 +280,7 @@ def tfaccel_row(chain: Sequence[str], name: str | None = None) -> RowSpec:
         steps = planned_chain(chain, ctx)
         if steps[len(chain):] == ("export",) and _produced_kind(chain) in ("onnx_decoder", "tensorrt_decoder"):
             steps = chain  # a decoder row serves its decoder, not the SavedModel plan() appends for the run
-        artifact, _ = build_chain(steps, ctx)
-        total = sum(ctx.cache[("chain", steps[:i])][1] for i in range(1, len(steps) + 1))
+        artifact, total = build_chain(steps, ctx)
         return Built(load=artifact.runner, size_bytes=artifact.size_bytes(), kind=artifact.kind,
                      path=artifact.path, build_seconds=total, notes=list(artifact.info.get("notes", [])),
                      steps=steps)
@@ -314,6 +298,11 @@ def _precision(chain: tuple[str, ...]) -> str:
         if name in REDUCED_PRECISION:
             return REDUCED_PRECISION[name]
         step = make_step(name)
+        if "inference_precision" in step.params():  # openvino: the precision the CPU plugin computes in here
+            precision = step.params()["inference_precision"]
+            if precision != "f32":
+                return precision
+            continue
         policy = getattr(step, "policy", None)
         if isinstance(policy, str) and policy != "float32":
             return policy
@@ -343,49 +332,175 @@ def default_rows(extra_chains: Sequence[Sequence[str]] = ()) -> list[RowSpec]:
 # The --auto row: what `tfaccel optimize MODEL --auto` chooses on this machine
 
 
-def build_auto(ctx: BuildContext) -> Built:
-    """Run ``tfaccel optimize SOURCE --auto --shape <first shape>`` in a child process (its candidates'
-    memory is gone before the other rows load) and serve the SavedModel it keeps. The row's build time is
-    the wall time of the whole CLI run, model loading included."""
+def _run_auto(ctx: BuildContext, formats: str) -> tuple[dict[str, Any], Path, float]:
+    """``tfaccel optimize SOURCE --auto --formats FORMATS`` at every shape of the workload, in a child process
+    (its candidates' memory is gone before the other rows load), once per workload and formats: returns its
+    report, its output folder and its wall time."""
     import json
     import subprocess
     import sys
 
-    from tfaccel.core.artifact import SavedModelRunner
+    key = ("auto-run", formats)
+    if key not in ctx.cache:
+        out = ctx.work_dir / f"auto-out-{formats}"
+        exe = Path(sys.executable).parent / "tfaccel"
+        cmd = [str(exe), "optimize", ctx.source.name, "--auto", "--formats", formats, "--out", str(out), "--overwrite"]
+        for batch, seq in ctx.shapes:
+            cmd += ["--shape", f"{batch}x{seq}"]
+        ctx.log("  " + " ".join(cmd[1:]))
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"tfaccel optimize --auto exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
+        ctx.cache[key] = (json.loads((out / "report.json").read_text()), out, wall)
+    return ctx.cache[key]
+
+
+def build_auto(ctx: BuildContext, formats: str = "savedmodel", serve: str = "savedmodel") -> Built:
+    """Serve what ``--auto --formats FORMATS`` kept (:func:`_run_auto`): its SavedModel (``serve="savedmodel"``)
+    or the fastest artifact of any format (``serve="fastest"``). The row's build time is the wall time of the
+    whole CLI run, model loading included."""
+    from tfaccel.core.artifact import Artifact
     from tfaccel.core.files import dir_size
 
-    out = ctx.work_dir / "auto-out"
-    batch, seq = ctx.shapes[0]
-    exe = Path(sys.executable).parent / "tfaccel"
-    cmd = [str(exe), "optimize", ctx.source.name, "--auto", "--shape", f"{batch}x{seq}", "--out", str(out),
-           "--overwrite"]
-    ctx.log("  " + " ".join(cmd[1:]))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"tfaccel optimize --auto exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
-    report = json.loads((out / "report.json").read_text())
+    report, out, wall = _run_auto(ctx, formats)
     cands = {c["name"]: c for c in report["candidates"]}
-    win = cands[report["winner"]]
-    path = out / report["final_saved_model"]
+    name = report["winner"] if serve == "savedmodel" else report["fastest_artifact"]
+    win = cands[name]
+    path = out / (report["final_saved_model"] if serve == "savedmodel" else report["fastest_artifact_path"])
     size = dir_size(path)
     baseline = ctx.work_dir / "keras-model-export"  # the model.export row, built before this one
     size_note = f", size {size / dir_size(baseline):.2f}x model.export's" if baseline.exists() else ""
     timed = sum(1 for c in cands.values() if c["status"] in ("kept", "dropped"))
-    notes = [f"--auto kept {win['name']} ({' -> '.join(win['steps'])}), the fastest of {timed} timed candidates "
-             f"within its budget ({report['budget_rule']}); the auto run measured it at "
+    what = "SavedModel" if serve == "savedmodel" else "artifact of any format"
+    notes = [f"--auto --formats {formats}: its fastest {what} is {name} ({' -> '.join(win['steps'])}, {win['kind']}) of "
+             f"{timed} timed candidates within its budget ({report['budget_rule']}); the auto run measured it at "
              + ", ".join(f"{v:.2f}x at {k}" for k, v in win["speedups"].items())
-             + f" vs tfaccel export{size_note}; wall time of the auto run {wall:.0f}s"
+             + f" vs its baseline{size_note}; wall time of the auto run {wall:.0f}s"
+             + f" (time budget {report.get('time_budget_s')}s)"
              + "".join(f"; not tried: {c['name']} ({c['reason'].split(':')[0]})" for c in cands.values()
                        if c["status"] == "not tried")]
     ctx.log(f"  {notes[0]}")
-    return Built(load=lambda: SavedModelRunner(str(path)), size_bytes=size, kind="saved_model", path=str(path),
+    artifact = Artifact(kind=win["kind"], path=str(path))
+    return Built(load=artifact.runner, size_bytes=size, kind=win["kind"], path=str(path),
                  build_seconds=wall, notes=notes, steps=tuple(win["steps"]))
 
 
-def auto_row() -> RowSpec:
-    return RowSpec(name="tfaccel --auto", group="tfaccel", steps=("--auto",), build=build_auto, precision="auto")
+def auto_row(formats: str = "savedmodel", serve: str = "savedmodel") -> RowSpec:
+    name = "tfaccel --auto" + (f" --formats {formats}" if formats != "savedmodel" else "")
+    name += " (fastest of any format)" if serve == "fastest" else (" (its SavedModel)" if formats != "savedmodel" else "")
+    return RowSpec(name=name, group="tfaccel", steps=("--auto",), build=lambda ctx: build_auto(ctx, formats, serve),
+                   precision="auto")
+
+
+def auto_rows() -> list[RowSpec]:
+    """One ``--auto --formats all`` run, two rows: the SavedModel it keeps and the fastest artifact of any format."""
+    return [auto_row("all", "savedmodel"), auto_row("all", "fastest")]
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenVINO: tfaccel's steps at an explicit precision, and what a user gets by hand
+
+
+def openvino_precision_row(precision: str) -> RowSpec:
+    """tfaccel's export -> openvino (-> ov-int8) with ``inference_precision`` set, e.g. f32 on a bf16 CPU."""
+    def build(ctx: BuildContext) -> Built:
+        from tfaccel import get_step
+
+        reason = not_applicable_reason(("export", "openvino"), ctx)
+        if reason:
+            raise NotApplicable(reason)
+        try:
+            get_step("openvino", inference_precision=precision).check(ctx.source)
+        except Exception as exc:
+            raise NotApplicable(f"'openvino' at {precision}: {str(exc).splitlines()[0]}") from exc
+        key = ("openvino-precision", precision)
+        if key not in ctx.cache:
+            from tfaccel import StepContext
+
+            export, _ = build_chain(("export",), ctx)
+            stage = ctx.work_dir / f"openvino-{precision}"
+            stage.mkdir(parents=True, exist_ok=True)
+            notes: list[str] = []
+            t0 = time.perf_counter()
+            art = get_step("openvino", inference_precision=precision).apply(
+                export, StepContext(source=ctx.source, stage_dir=stage, log=ctx.log, notes=notes))
+            ctx.cache[key] = (art, time.perf_counter() - t0, notes)
+        art, seconds, notes = ctx.cache[key]
+        return Built(load=art.runner, size_bytes=art.size_bytes(), kind="openvino", path=art.path,
+                     build_seconds=seconds, notes=list(notes), steps=("export", f"openvino(inference_precision={precision})"))
+
+    return RowSpec(name=f"OpenVINO {precision} (tfaccel openvino)", group="peer", steps=("export", "openvino"),
+                   build=build, runtime="openvino", precision=precision)
+
+
+class _PlainOpenVINO:
+    """What a user runs by hand: ``core.compile_model(xml, "CPU")`` with OpenVINO's defaults, one infer request."""
+
+    def __init__(self, xml: str):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(xml, "CPU")
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, inputs):
+        res = self.request.infer(inputs)
+        return {o.get_any_name(): np.array(res[o]) for o in self.compiled.outputs}
+
+    def stats(self):
+        c = self.compiled
+        return {"inference_precision": c.get_property("INFERENCE_PRECISION_HINT").to_string(),
+                "performance_hint": str(c.get_property("PERFORMANCE_HINT")),
+                "threads": int(c.get_property("INFERENCE_NUM_THREADS"))}
+
+
+def plain_openvino_row(int8: bool, samples: int = 64) -> RowSpec:
+    """The peer a user gets without tfaccel: ``openvino.convert_model`` on ``model.export``'s SavedModel, and for
+    int8 ``nncf.quantize(model, nncf.Dataset(<samples> examples), model_type=ModelType.TRANSFORMER)`` on the
+    first examples of the eval split (else the sample inputs), compiled with OpenVINO's defaults."""
+    def build(ctx: BuildContext) -> Built:
+        from tfaccel.compat import package_version
+
+        if not package_version("openvino") or (int8 and not package_version("nncf")):
+            raise NotApplicable("needs the openvino extra (openvino, nncf)")
+        import openvino as ov
+
+        from tfaccel.core.files import dir_size
+
+        sm = ctx.work_dir / "plain-openvino-export"
+        t0 = time.perf_counter()
+        if not sm.exists():
+            ctx.source.model.export(str(sm), format="tf_saved_model", verbose=False)
+        model = ov.convert_model(str(sm))
+        notes = ["openvino.convert_model(model.export's SavedModel), compiled with OpenVINO's CPU defaults"]
+        if int8:
+            import nncf
+
+            data = ctx.source.eval_inputs if ctx.source.eval_inputs is not None else ctx.source.sample_inputs
+            n = min(samples, len(next(iter(data.values()))))
+            items = [{k: v[i: i + 1] for k, v in data.items()} for i in range(n)]
+            model = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=n)
+            notes.append(f"nncf.quantize(ModelType.TRANSFORMER) on {n} examples")
+        xml = ctx.work_dir / f"plain-openvino-{'int8' if int8 else 'fp'}" / "model.xml"
+        ov.save_model(model, str(xml))
+        seconds = time.perf_counter() - t0
+        from tfaccel.core.artifact import output_names_of
+
+        names = output_names_of(ctx.source.model)  # model.export calls a single output "output_0"
+        return Built(load=lambda: _RenamedOutputs(_PlainOpenVINO(str(xml)), names), size_bytes=dir_size(xml.parent),
+                     kind="openvino",
+                     path=str(xml.parent), build_seconds=seconds, notes=notes)
+
+    name = f"plain OpenVINO {'int8 (nncf.quantize on 64 samples)' if int8 else '(convert_model)'} by hand"
+    return RowSpec(name=name, group="peer", steps=(), build=build, runtime="openvino",
+                   precision="int8" if int8 else "default")
+
+
+def openvino_rows() -> list[RowSpec]:
+    """The peers the OpenVINO targets are ratios against, and tfaccel's OpenVINO at f32 (the default is bf16
+    where the CPU has it, f32 elsewhere)."""
+    return [plain_openvino_row(False), plain_openvino_row(True), openvino_precision_row("f32")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,10 +698,10 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
         }
     return {
         "bert-base": Workload("bert-base", "bert-base", [(1, 128), (32, 128)],
-                              rows=default_rows(COMBINATIONS) + [auto_row()],
+                              rows=default_rows(COMBINATIONS) + openvino_rows() + auto_rows(),
                               note="BERT-base architecture (12 layers, hidden 768), random weights"),
-        "minilm-bbc": Workload("minilm-bbc", "minilm-bbc", [(1, 128)], accuracy=True,
-                               rows=default_rows() + [auto_row()],
+        "minilm-bbc": Workload("minilm-bbc", "minilm-bbc", [(1, 128), (32, 128)], accuracy=True,
+                               rows=default_rows() + openvino_rows() + auto_rows(),
                                note="all-MiniLM-L6-v2 fine-tuned on BBC News; accuracy on 200 held-out articles"),
         "gpt2-small": Workload("gpt2-small", "gpt2-small", [(1, 128)], generation=GenerationSpec(32, 64),
                                more_generation=[GenerationSpec(32, 64, batch=8)],

@@ -1,5 +1,5 @@
 """The family x step matrix: one tiny model per keras-hub text family (``tiny:<family>``) run through
-one pipeline step at a time. Shared by tests/test_families.py, tests/test_generate.py and
+one pipeline step at a time. Shared by tests/test_families.py and
 tools/family_matrix.py (which prints the README table). Not a test module itself.
 
 Every family's source is built once per process (:func:`source`), every family's export once

@@ -13,7 +13,8 @@ def test_optimize_export_end_to_end(tmp_path):
     assert "[1/3] export" in proc.stderr  # progress
     report = json.loads((out / "report.json").read_text())
     assert [s["step"] for s in report["stages"]] == ["reference", "export", "onnx", "ort-int8"]
-    assert report["stages"][2]["params"] == {"opset": 17}
+    assert report["stages"][2]["params"] == {"opset": 17, "fuse": True}
+    assert any("onnxruntime transformer fusions" in n for n in report["stages"][2]["notes"])
     proc = run_cli("serve-check", str(out / "saved_model"))
     assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stderr[-2000:]
 

@@ -5,8 +5,8 @@ A cell passes when the pipeline validates the stage with the step's own toleranc
 expected refusal listed in EXPECTED_REFUSALS (a PlanError/StepError whose message matches the
 reason). Any other error, an unexpected refusal, or a listed refusal that now works fails the cell.
 
-CI runs every family through export and every CausalLM through generate (shared with
-tests/test_generate.py, which checks those SavedModels token for token); the other steps run on
+CI runs every family through export and every CausalLM through generate (the tests at the end of this
+file check those SavedModels token for token: they read what the matrix built in this process); the other steps run on
 CI_SUBSET: BERT (MiniLM's architecture), DeBERTa-v3 (relative positions), Llama (grouped KV heads,
 rotary), Gemma3 (per-layer cache, sliding window, soft-capping) and Falcon (ALiBi); int8, whose
 XLA-compiled serving function takes the longest to build, on BERT and Llama only. That keeps the
@@ -22,6 +22,9 @@ import re
 import numpy as np
 import pytest
 from family_matrix import DECODERS, FAMILIES, STEPS, cells, outcome, run_step
+
+from tfaccel import Pipeline
+from tfaccel.xla.generate_export import keras_hub_greedy
 
 # (family, step) -> the reason, a regex of the refusal's message. One table; the README quotes it.
 # LiteRT (TensorFlow 2.21's converter, builtin ops only): the decoders that build their attention mask
@@ -74,3 +77,109 @@ def test_every_tiny_family_loads_with_varied_prompt_lengths():
         assert src.task == ("causal_lm" if family in DECODERS else "backbone" if family == "electra"
                             else "classification")
         assert np.all(src.sample_inputs["token_ids"][src.sample_inputs["padding_mask"] == 0] == 0)
+
+
+def _call(path, signature, **kw):
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(path)).signatures[signature]
+    out = fn(**{k: tf.constant(v) for k, v in kw.items()})
+    return out["token_ids"].numpy(), out["lengths"].numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate on every keras-hub CausalLM family (moved here from tests/test_generate.py). The SavedModel is
+# the one this file's `generate` cell wrote (tests/family_matrix.py), so each family is built and exported
+# once per process: these tests must stay in this file, which make test runs in one worker.
+
+# batch 2, right-padded, the two extremes of the export's 16-token bucket: a full bucket and one token.
+# (The generate step itself checked 4 sample prompts of 16 to 4 tokens against keras-hub, and the GPT-2
+# tests above cover more lengths.)
+FAMILY_PROMPTS = [np.array([list(range(30, 46)), [7] + [0] * 15], "int32")]
+
+
+def _family_saved_model(family):
+    from family_matrix import run_step
+
+    run = run_step(family, "generate")
+    assert run.error is None, f"{family}: the generate step failed: {run.error}"
+    return run.out / run.report.stage("generate").path
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_every_causal_lm_family_generates_the_same_tokens_as_keras_hub(family):
+    from family_matrix import GENERATE_OPTIONS, source
+
+    path = _family_saved_model(family)
+    n = GENERATE_OPTIONS["max_new_tokens_cap"]
+    for prompts in FAMILY_PROMPTS:
+        mask = (prompts > 0).astype("int32")
+        ids, lengths = _call(path, "generate_greedy", token_ids=prompts, padding_mask=mask,
+                             max_new_tokens=np.int32(n), stop_token_id=np.int32(-1))
+        want = keras_hub_greedy(source(family).model, prompts, mask, n)
+        np.testing.assert_array_equal(ids, want, err_msg=f"{family}: generate_greedy differs from keras-hub")
+        assert lengths.tolist() == (mask.sum(1) + n).tolist()
+
+
+def test_llama_gqa_generate_reloads_in_a_fresh_process_and_serves_in_saved_model_cli():
+    from family_matrix import GENERATE_OPTIONS, source
+
+    from tfaccel.causal_lm_spec import causal_lm_spec
+    from tfaccel.servable import check_servable
+
+    spec = causal_lm_spec(source("llama").model)
+    assert spec.num_kv_heads < source("llama").model.backbone.num_query_heads  # grouped KV heads
+    n = GENERATE_OPTIONS["max_new_tokens_cap"]
+    prompts = FAMILY_PROMPTS[0]
+    inputs = {"token_ids": prompts, "padding_mask": (prompts > 0).astype("int32"),
+              "max_new_tokens": np.array(n, "int32"), "stop_token_id": np.array(-1, "int32")}
+    # a fresh process without tfaccel or keras-hub, then saved_model_cli run (TF Serving's loader); they agree
+    out = check_servable(_family_saved_model("llama"), inputs=inputs, signature="generate_greedy", atol=0)
+    want = keras_hub_greedy(source("llama").model, prompts, inputs["padding_mask"], n)
+    np.testing.assert_array_equal(out["outputs"]["token_ids"], want)
+
+
+def test_cache_spec_matches_keras_hub_build_cache_for_every_family():
+    import tensorflow as tf
+    from family_matrix import source
+
+    from tfaccel.causal_lm_spec import causal_lm_spec
+
+    ids = tf.constant(np.array([[5, 6, 7, 8, 9, 0], [11, 12, 13, 0, 0, 0]], "int32"))  # [2, 6]
+    for family in DECODERS:
+        lm = source(family).model
+        spec = causal_lm_spec(lm)
+        assert spec.refusal is None and spec.family == family
+        if family == "gemma3":  # keras-hub keeps a (key, value) tuple per layer
+            _, cache = lm._build_cache(ids, None, None, ids > 0, None)
+            assert spec.native_layout == "per_layer" and len(cache) == spec.num_layers
+            assert all(tuple(t.shape) == (2, 6, spec.num_kv_heads, spec.head_dim) for kv in cache for t in kv)
+            dtype = cache[0][0].dtype
+        else:
+            _, cache = lm._build_cache(ids)
+            assert tuple(cache.shape) == spec.cache_shape(2, 6), family
+            dtype = cache.dtype
+        assert dtype.name == spec.cache_dtype
+        assert spec.max_length == getattr(lm.backbone, "max_sequence_length", None) or family == "smollm3"
+
+
+def test_int8_weights_generate_agrees_with_the_float_model(tmp_path):
+    """weights="int8": Keras int8 on a copy of tiny Llama. Gate: >= 90% of next tokens equal keras-hub's
+    float greedy tokens given the same prefix (teacher-forced; free-running tokens compound after one
+    flip, and random tiny models have near-tied logits). Measured 100% here, 96.9% on tiny Falcon."""
+    import re
+
+    from family_matrix import GENERATE_OPTIONS, source
+
+    from tfaccel.xla import GenerateStep
+
+    step = GenerateStep(weights="int8", **GENERATE_OPTIONS)
+    report = Pipeline([step], shapes=[(1, 16)], measure=False, log=lambda m: None).run(source("llama"), tmp_path / "o")
+    st = report.stage("generate")
+    assert st.status == "ok" and st.params["weights"] == "int8"
+    assert st.params["weight_bytes_after"] < st.params["weight_bytes_before"]
+    assert st.comparison["min_cosine"] >= 0.98  # the int8 step's own tolerance on the serving_default logits
+    note = next(n for n in st.notes if "teacher-forced" in n)
+    assert float(re.search(r"([\d.]+)%", note).group(1)) >= 90.0
+    with pytest.raises(ValueError, match="weights='int4'"):
+        GenerateStep(weights="int4")

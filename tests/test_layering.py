@@ -150,3 +150,20 @@ def test_every_module_imports_only_its_floor_or_below():
 def test_core_imports_no_technique(module):
     techniques = [t for t in import_edges()[module] if floor_of(t) >= 2]
     assert not techniques, f"{module} imports {techniques}"
+
+
+def test_auto_is_made_of_small_functions():
+    # --auto is read phase by phase (auto/plan, groups, budget, build, rank, place): no function there grows
+    # back into a search loop of hundreds of lines. Docstrings do not count.
+    long = []
+    for p in sorted((ROOT / "auto").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                doc = body[0].end_lineno - body[0].lineno + 1 if (
+                    isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)) else 0
+                lines = node.end_lineno - node.lineno + 1 - doc
+                if lines > 100:
+                    long.append(f"{p.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

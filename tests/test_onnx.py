@@ -55,3 +55,17 @@ def test_opset_is_validated():
 
     with pytest.raises(ValueError, match="opset=9"):
         OnnxStep(opset=9)
+
+
+def test_ort_fusions_keep_the_outputs_and_shrink_the_graph(bert_tiny, onnx_model, tmp_path):
+    import onnx
+
+    from tfaccel.onnx.ort_fusions import fuse_for_onnxruntime
+
+    fused = fuse_for_onnxruntime(onnx_model, tmp_path / "fused.onnx")
+    assert fused["nodes_removed"] > 0
+    assert len(onnx.load(tmp_path / "fused.onnx").graph.node) < len(onnx.load(onnx_model).graph.node)
+    for batch, seq in [(1, 7), (4, 33)]:  # still dynamic in batch and sequence
+        x = bert_tiny.make_inputs(batch, seq, seed=2)
+        np.testing.assert_allclose(OnnxRunner(str(tmp_path / "fused.onnx"))(x)["logits"],
+                                   KerasRunner(bert_tiny.model)(x)["logits"], atol=1e-4)

@@ -75,7 +75,7 @@ def _parse_step_options(values):
 
 
 #: Steps whose calibration reads --calibration-data (int8 engines; GPTQ / AWQ on a causal LM's text).
-_CALIBRATING_STEPS = ("tftrt", "tensorrt", "gptq", "awq")
+_CALIBRATING_STEPS = ("tftrt", "tensorrt", "ov-int8", "gptq", "awq")
 
 
 def _data_options(args, names: list[str], options: dict[str, dict]) -> str | None:
@@ -183,7 +183,16 @@ def cmd_bench(args) -> int:
     from tfaccel.sources import load_source
 
     target = args.model
-    if isinstance(target, str) and target.endswith(".onnx"):
+    from tfaccel.openvino.ir import is_ir
+
+    if isinstance(target, str) and is_ir(target):
+        artifact = Artifact(kind="openvino", path=target)
+        runner = artifact.runner()
+        from tfaccel.sources import InputSpec, ModelSource
+
+        specs = [InputSpec(name, "int32", (None, None)) for name in runner.input_types]
+        source = ModelSource(name=target, kind="openvino", input_specs=specs, sample_inputs={}, vocab_size=100)
+    elif isinstance(target, str) and target.endswith(".onnx"):
         if not Path(target).exists():
             raise FileNotFoundError(f"{target!r} does not exist.")
         artifact = Artifact(kind="onnx", path=target)
@@ -195,8 +204,7 @@ def cmd_bench(args) -> int:
         source = ModelSource(name=target, kind="onnx", input_specs=specs, sample_inputs={}, vocab_size=100)
     else:
         source = load_source(target, task=args.task, num_classes=args.num_classes, progress=_log)
-        artifact = Artifact(kind=source.kind, path=source.path if source.kind != "keras" else None,
-                            model=source.model, dict_inputs=source.dict_inputs)
+        artifact = Artifact.of_source(source)
         runner = None
     shapes = _parse_shapes(args.shape) or [(1, source.default_seq)]
     rows = []
@@ -221,8 +229,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve_check(args) -> int:
+    from tfaccel.openvino.ir import is_ir
     from tfaccel.servable import check_servable
 
+    if is_ir(args.saved_model):
+        from tfaccel.openvino.serve import check_openvino_servable
+
+        result = check_openvino_servable(args.saved_model)
+        shapes = {k: v.shape for k, v in result["outputs"].items()}
+        print(f"OK: {args.saved_model} compiles and runs with OpenVINO alone in a fresh process (no tfaccel, no "
+              f"TensorFlow; {result['config']['INFERENCE_PRECISION_HINT']}) and agrees with tfaccel; outputs {shapes}")
+        return 0
     result = check_servable(args.saved_model)
     shapes = {k: v.shape for k, v in result["outputs"].items()}
     print(f"OK: {args.saved_model} loads and runs without tfaccel (tf.saved_model.load in a fresh process and "
@@ -275,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(preset / Hugging Face folder); used like --eval-data. For a causal LM: held-out text "
                         "(.txt, .jsonl / .csv with 'text') that generation steps measure perplexity and KL on")
     o.add_argument("--calibration-data", metavar="FILE",
-                   help="int8 calibration data for tftrt / tensorrt (.npz of inputs, or .csv / .jsonl texts); "
-                        "for a causal LM, gptq / awq calibration text (.txt / .jsonl / .csv, or .npz of token_ids)")
+                   help="int8 calibration data for tftrt / tensorrt / ov-int8 (.npz of inputs, or .csv / .jsonl "
+                        "texts); for a causal LM, gptq / awq calibration text (.txt / .jsonl / .csv, or .npz of "
+                        "token_ids)")
     o.add_argument("--train-data", metavar="FILE",
                    help="prune-structured's fine-tuning data (.npz of inputs with optional 'labels', or texts)")
     o.add_argument("--no-measure", action="store_true", help="validate only, skip latency measurement")
@@ -286,17 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                    help="--auto: accuracy points the result may lose on the labelled eval data (default 1.0)")
     o.add_argument("--formats", choices=["savedmodel", "all"],
-                   help="--auto: SavedModel candidates only (default), or also ONNX/LiteRT/TensorRT side artifacts")
+                   help="--auto: SavedModel candidates only (default), or also OpenVINO/ONNX/LiteRT/TensorRT side artifacts")
     o.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="--auto: seconds for the whole search (default 540; 'inf': no limit); candidates that "
                         "would not fit are not tried, and the report says so")
     o.set_defaults(func=cmd_optimize)
 
-    c = sub.add_parser("serve-check", help="check a SavedModel loads and runs without tfaccel (saved_model_cli)")
-    c.add_argument("saved_model", help="SavedModel folder")
+    c = sub.add_parser("serve-check", help="check a SavedModel loads and runs without tfaccel (saved_model_cli), or an "
+                                           "OpenVINO IR with OpenVINO alone")
+    c.add_argument("saved_model", help="SavedModel folder, or OpenVINO IR folder / .xml")
     c.set_defaults(func=cmd_serve_check)
 
-    b = sub.add_parser("bench", help="measure latency of a model or artifact (.onnx too)")
+    b = sub.add_parser("bench", help="measure latency of a model or artifact (.onnx and OpenVINO IR too)")
     model_args(b)
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=cmd_bench)

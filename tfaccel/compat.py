@@ -283,6 +283,9 @@ class Capabilities:
     #: Whether TensorFlow's oneDNN int8 inner product (QuantizedMatMulWithBiasAndDequantize) runs here.
     onednn_int8: bool = False
     onednn_int8_reason: str = "not probed"
+    #: OpenVINO and NNCF (the ``openvino`` extra), from their installed metadata.
+    openvino: str | None = None
+    nncf: str | None = None
 
     @property
     def tensorrt_route(self) -> tuple[str | None, str]:
@@ -330,6 +333,60 @@ class Capabilities:
         return False, ("the CPU has no VNNI: fused u8s8 kernels saturate, so the Q/DQ graph runs unfused "
                        "(float DequantizeLinear -> MatMul, the exact int8 products TensorRT computes)")
 
+    def openvino_precision(self, requested: str = "auto") -> tuple[str, str]:
+        """The inference precision OpenVINO's CPU plugin should compute in here, and why.
+
+        OpenVINO's CPU plugin computes in bf16 by default where the CPU has bf16 instructions (AVX512-BF16,
+        AMX) and in f32 elsewhere. tfaccel always states the precision explicitly, decided here, so an ISA
+        cap (``TFACCEL_CPU_ISA=avx2``) gives the f32 an AVX2-only CPU would get.
+
+        Args:
+            requested: "auto" (bf16 where native, else f32), "f32" or "bf16".
+
+        Raises:
+            ValueError: ``requested`` is not one of those, or "bf16" on a CPU without bf16 instructions.
+
+        Example:
+            >>> with override_capabilities(cpu_isa="avx2"):
+            ...     capabilities().openvino_precision("auto")[0]
+            'f32'
+        """
+        if requested not in ("auto", "f32", "bf16"):
+            raise ValueError(f"inference_precision must be auto, f32 or bf16. Received: {requested!r}")
+        native, why = self.half_precision("mixed_bfloat16")
+        if self.gpus:  # OpenVINO runs on the CPU here; a GPU says nothing about the CPU's bf16
+            flags = self.cpu_features
+            native = bool(flags.get("bf16") or flags.get("amx"))
+            why = "the CPU has bfloat16 instructions (bf16/AMX)" if native else "the CPU has no bfloat16 instructions"
+        if requested == "f32":
+            return "f32", "set by the user"
+        if requested == "bf16":
+            if not native:
+                raise ValueError(f"inference_precision=bf16 needs a CPU with bfloat16 instructions: {why}. Use "
+                                 "auto or f32.")
+            return "bf16", "set by the user"
+        if native:
+            return "bf16", f"{why}: OpenVINO's CPU default, matmuls in bf16"
+        return "f32", f"{why}: f32"
+
+    def openvino_int8_settings(self) -> dict[str, Any]:
+        """NNCF's weight range for int8 on this CPU (``overflow_fix``), and why.
+
+        Without VNNI, OpenVINO's int8 kernels multiply with ``vpmaddubsw``, whose int16 pair sums saturate
+        with full 8-bit weights (NNCF's ``OverflowFix`` docs); half-range (7-bit) weights avoid it. With VNNI
+        or AMX the products sum exactly in int32 and full-range weights are kept.
+
+        Example:
+            >>> with override_capabilities(cpu_isa="avx2"):
+            ...     capabilities().openvino_int8_settings()["overflow_fix"]
+            'enable'
+        """
+        if self.has_vnni:
+            return {"overflow_fix": "disable", "reason": "the CPU has VNNI/AMX: int8 products sum exactly, full-range "
+                                                         "8-bit weights"}
+        return {"overflow_fix": "enable", "reason": "the CPU has no VNNI: u8s8 pair sums saturate int16 with full "
+                                                    "8-bit weights, so weights use half the range (7 bits)"}
+
     def half_precision(self, policy: str) -> tuple[bool, str]:
         """Whether this machine has fast math for a mixed policy, and why (or why not)."""
         half = "bfloat16" if "bfloat16" in policy else "float16"
@@ -350,6 +407,8 @@ class Capabilities:
         d["tensorrt_route"], d["tensorrt_route_reason"] = self.tensorrt_route
         d["int8_kernel_forms"] = {k: {"runs": ok, "reason": why} for k, (ok, why) in self.int8_kernel_forms().items()}
         d["ort_int8_settings"] = self.ort_int8_settings()
+        d["openvino_precision"] = dict(zip(("precision", "reason"), self.openvino_precision(), strict=True))
+        d["openvino_int8_settings"] = self.openvino_int8_settings()
         d["half_precision"] = {p: dict(zip(("native", "reason"), self.half_precision(p), strict=True))
                                for p in ("mixed_bfloat16", "mixed_float16")}
         return d
@@ -367,6 +426,8 @@ class Capabilities:
             f"tf2onnx       {d['tf2onnx'] or 'not installed'}",
             f"onnxruntime   {d['onnxruntime'] or 'not installed'}",
             f"tensorrt      {d['tensorrt'] or 'not installed'}",
+            f"openvino      {d['openvino'] or 'not installed'} (nncf {d['nncf'] or 'not installed'}); CPU inference "
+            f"precision {d['openvino_precision']['precision']}: {d['openvino_precision']['reason']}",
             f"TF-TRT        {'yes' if d['tf_tensorrt'] else 'no'}: {d['tf_tensorrt_reason']}",
             f"TensorRT route {d['tensorrt_route'] or 'none'}: {d['tensorrt_route_reason']}",
             f"gpus          {', '.join(d['gpus']) or 'none'}",
@@ -454,6 +515,8 @@ def probed_capabilities() -> Capabilities:
         cpu_features_hardware=hardware,
         onednn_int8=onednn,
         onednn_int8_reason=onednn_why,
+        openvino=package_version("openvino"),
+        nncf=package_version("nncf"),
     )
 
 

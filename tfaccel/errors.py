@@ -1,6 +1,13 @@
 """Errors a user can act on. Each message names what was wrong and what to do about it."""
 
 
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters): what a report or a progress line
+    keeps of an error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:limit]
+
+
 class TfaccelError(Exception):
     """Base class for problems the user can fix. The CLI prints the message and exits non-zero."""
 
@@ -29,6 +36,16 @@ class PlanError(TfaccelError):
 
 class StepError(TfaccelError):
     """A step could not produce its artifact."""
+
+
+class OverBudget(StepError):
+    """A step stopped because its measured progress says it would not finish before its deadline
+    (``StepContext.deadline``, e.g. ``--auto``'s time budget). ``projected_s`` and ``max_seconds`` say
+    by how much."""
+
+    def __init__(self, message: str, projected_s: float = float("nan"), max_seconds: float = float("nan")):
+        super().__init__(message)
+        self.projected_s, self.max_seconds = projected_s, max_seconds
 
 
 class ValidationError(TfaccelError):

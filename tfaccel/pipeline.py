@@ -19,14 +19,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tfaccel.core.artifact import Artifact, kind_name
+from tfaccel.core.chain import run_step
 from tfaccel.core.files import StagedOutput, link_tree
 from tfaccel.core.measure import PeakRSS
 from tfaccel.core.report import Report, StageResult
 from tfaccel.core.source import ModelSource
-from tfaccel.core.step import Step, StepContext
+from tfaccel.core.step import Step
 from tfaccel.core.timer import time_runner
 from tfaccel.core.validation import BREACH_POLICIES, classification_accuracy, compare_outputs
-from tfaccel.errors import PlanError, StepError, TfaccelError, ValidationError
+from tfaccel.errors import PlanError, ValidationError
 from tfaccel.steps import get_step, producers_of, step_from_spec
 
 
@@ -132,6 +133,7 @@ class Pipeline:
             have.add(step.produces)
             if not step.side_artifact:
                 latest_model_kind = step.produces
+        _refuse_quantized_inputs(self.steps, start_index)
         for step in self.steps:  # every step can run here: checked before any work, not after the first stages
             step.check(source)
         steps = list(self.steps)
@@ -244,16 +246,8 @@ class Pipeline:
                 self.log(f"  starts from stage {parent_index} ({report.stages[parent_index].step})")
             stage_name = f"{i:02d}-{step.name}"
             partial = work / "stages" / f".{stage_name}.partial"
-            partial.mkdir(parents=True)
-            ctx = StepContext(source=source, stage_dir=partial, log=self.log, shapes=list(self.shapes))
-            t0 = time.perf_counter()
-            try:
-                artifact = step.apply(parent, ctx)
-            except TfaccelError:
-                raise
-            except Exception as exc:
-                raise StepError(f"Step '{step.name}' failed: {type(exc).__name__}: {exc}") from exc
-            seconds = time.perf_counter() - t0
+            run = run_step(step, parent, source, partial, log=self.log, shapes=self.shapes)
+            artifact, seconds = run.artifact, run.seconds
             final_dir = work / "stages" / stage_name
             os.replace(partial, final_dir)
             if artifact.path:
@@ -263,7 +257,7 @@ class Pipeline:
             stage = StageResult(index=i, step=step.name, kind=artifact.kind,
                                 path=str(final_dir.relative_to(work)) if artifact.path else None,
                                 params=step.params(), build_seconds=seconds, size_bytes=artifact.size_bytes(),
-                                tolerance=step.tolerance.get_config(), notes=ctx.notes, parent=parent_index)
+                                tolerance=step.tolerance.get_config(), notes=run.notes, parent=parent_index)
             policy = step.on_breach or self.on_breach
             in_out, in_acc = outputs_of[id(parent)]
             with PeakRSS() as mem:
@@ -282,8 +276,8 @@ class Pipeline:
                 breaches = own.breaches(step.tolerance)
                 if not breaches or policy == "warn":
                     self._measure(source, runner, stage)
-                    if ctx.hardware_warning:
-                        _note_measured_slowdown(ctx, stage, report.stages[parent_index])
+                    if run.hardware_warning:
+                        self._note_measured_slowdown(run.hardware_warning, stage, report.stages[parent_index])
                 if hasattr(runner, "stats"):  # e.g. XLA compilations the stage caused
                     stage.runner_stats = runner.stats()
                     self.log(f"  {stage.runner_stats}")
@@ -343,11 +337,32 @@ class Pipeline:
             self.log(f"  batch {batch} x seq {seq}: p50 {m.p50_ms:.1f} ms, p95 {m.p95_ms:.1f} ms, "
                      f"{m.throughput:.1f} samples/s")
 
+    def _note_measured_slowdown(self, warning: str, stage: StageResult, parent: StageResult) -> None:
+        """Add the measured speed against the stage's input, shape by shape, to a hardware warning."""
+        before = {(m["batch"], m["seq"]): m["p50_ms"] for m in parent.measurements}
+        ratios = [f"{m['batch']}x{m['seq']}: {before[(m['batch'], m['seq'])] / m['p50_ms']:.2f}x its input's speed"
+                  for m in stage.measurements if before.get((m["batch"], m["seq"])) and m["p50_ms"]]
+        if ratios:
+            note = f"measured on this machine ({warning}): " + ", ".join(ratios)
+            stage.notes.append(note)
+            self.log(f"  note: {note}")
 
-def _note_measured_slowdown(ctx: StepContext, stage: StageResult, parent: StageResult) -> None:
-    """Add the measured speed against the stage's input, shape by shape, to a hardware warning."""
-    before = {(m["batch"], m["seq"]): m["p50_ms"] for m in parent.measurements}
-    ratios = [f"{m['batch']}x{m['seq']}: {before[(m['batch'], m['seq'])] / m['p50_ms']:.2f}x its input's speed"
-              for m in stage.measurements if before.get((m["batch"], m["seq"])) and m["p50_ms"]]
-    if ratios:
-        ctx.note(f"measured on this machine ({ctx.hardware_warning}): " + ", ".join(ratios))
+def _refuse_quantized_inputs(steps: list[Step], start_index: dict[int, int]) -> None:
+    """PlanError for a step that takes only a float SavedModel (``accepts_quantized_input = False``: openvino)
+    when the SavedModel it would start from is a quantizing step's (int8, int4)."""
+    for i, step in enumerate(steps, 1):
+        if getattr(step, "accepts_quantized_input", True) or step.consumes != "saved_model":
+            continue
+        earlier = steps[: i - 1]
+        if i in start_index:
+            quantized = start_index[i] > 0 and steps[start_index[i] - 1].quantized_output
+        else:  # side artifacts start from the latest float SavedModel; the source counts as one (its check)
+            makers = [s for s in earlier if s.produces == "saved_model"]
+            quantized = bool(makers) and all(s.quantized_output for s in makers) and step.side_artifact
+            quantized = quantized or (not step.side_artifact and bool(makers) and makers[-1].quantized_output)
+        if quantized:
+            from_step = steps[start_index[i] - 1].name if i in start_index else makers[-1].name
+            raise PlanError(
+                f"Step {i} '{step.spec}' would convert the SavedModel of '{from_step}', which is quantized: "
+                f"'{step.name}' takes a float SavedModel only (" + getattr(step, "quantized_input_reason", "") +
+                f"). Start it from a float SavedModel (e.g. {step.name}@export) or add 'export' before it.")

@@ -16,7 +16,7 @@ import numpy as np
 
 from tfaccel import examples
 from tfaccel.core.source import InputSpec, ModelSource, source_from_keras_model, token_sample_inputs
-from tfaccel.errors import SourceError
+from tfaccel.errors import SourceError, first_line
 
 
 def load_sample_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -38,10 +38,8 @@ def _load_keras_file(path: Path) -> ModelSource:
     try:
         model = keras.saving.load_model(str(path), compile=False)
     except Exception as exc:
-        raise SourceError(
-            f"{str(path)!r} is not a Keras model file that Keras {keras.__version__} can load ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Save the model with model.save('model.keras')."
-        ) from exc
+        raise SourceError(f"{str(path)!r} is not a Keras model file that Keras {keras.__version__} can load "
+                          f"({first_line(exc)}). Save the model with model.save('model.keras').") from exc
     return source_from_keras_model(model, name=str(path), path=str(path))
 
 
@@ -76,10 +74,8 @@ def _load_preset_dir(path: Path, task: str | None, num_classes: int | None) -> M
     try:
         model = kinds[task].from_preset(str(path), **kwargs)
     except Exception as exc:
-        raise SourceError(
-            f"{str(path)!r} looks like a keras-hub preset / Hugging Face folder but keras-hub could not load it "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
-        ) from exc
+        raise SourceError(f"{str(path)!r} looks like a keras-hub preset / Hugging Face folder but keras-hub could not "
+                          f"load it ({first_line(exc)}).") from exc
     return source_from_keras_model(model, name=str(path), path=str(path))
 
 

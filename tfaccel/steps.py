@@ -19,6 +19,7 @@ from tfaccel.export import ExportStep
 from tfaccel.generation.tensorrt_decoder import TensorRTDecoderStep
 from tfaccel.onnx import OnnxStep, OrtInt8Step
 from tfaccel.onnx.decoder_steps import OnnxDecoderStep, OrtDecoderInt4Step, OrtDecoderInt8Step
+from tfaccel.openvino import OpenVINOInt8Step, OpenVINOStep
 from tfaccel.precision import MixedPrecisionStep
 from tfaccel.pruning.steps import StructuredPruneStep
 from tfaccel.quantization import Int4Step, Int8Step, LiteRTDynamicStep
@@ -56,6 +57,10 @@ def _table() -> dict[str, tuple[type, str]]:
         "ort-decoder-int4": (OrtDecoderInt4Step, "ONNX decoder -> int4 weight-only MatMulNBits decoder (side artifact)"),
         "tensorrt-decoder": (TensorRTDecoderStep, "ONNX decoder -> TensorRT fp16 decoder engine (`trt` extra + NVIDIA "
                              "GPU; side artifact)"),
+        "openvino": (OpenVINOStep, "SavedModel -> OpenVINO IR (openvino.convert_model), run in OpenVINO's CPU plugin at "
+                     "an explicit inference precision (auto: bf16 where the CPU has it; `openvino` extra; side artifact)"),
+        "ov-int8": (OpenVINOInt8Step, "OpenVINO IR -> int8 IR (NNCF post-training quantization for transformers; "
+                    "accuracy_control=true keeps the step's accuracy budget; `openvino` extra; side artifact)"),
         "litert-dynamic": (LiteRTDynamicStep, "SavedModel -> dynamic-range int8 LiteRT model, checked in ai-edge-litert "
                            "(side artifact)"),
     }

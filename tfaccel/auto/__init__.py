@@ -1,8 +1,13 @@
 """``tfaccel optimize MODEL --auto``: the fastest validated SavedModel for this model, machine and
 accuracy budget.
 
-- :mod:`tfaccel.auto.recipes`: THE table of candidate recipes and the capability filter.
-- :mod:`tfaccel.auto.search`: build, validate, time interleaved, rank, write the winner.
+- :mod:`tfaccel.auto.recipes`: THE table of candidate recipes (policy only; each step says where it runs).
+- :mod:`tfaccel.auto.search`: :func:`optimize_auto`, the phases in order:
+  :mod:`~tfaccel.auto.plan` (options, every recipe planned and checked), :mod:`~tfaccel.auto.groups`
+  (candidates sharing a first step, fastest counterpart first, dominance), :mod:`~tfaccel.auto.budget`
+  (the time budget), :mod:`~tfaccel.auto.build` (build with shared prefixes, validate against the
+  reference), :mod:`~tfaccel.auto.rank` (time interleaved, rank), :mod:`~tfaccel.auto.place` (the
+  winner, the fastest artifact, the report).
 - :mod:`tfaccel.auto.auto_report`: the ranked report (Markdown, JSON, latency-vs-accuracy PNG).
 
 Example:

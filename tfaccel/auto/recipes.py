@@ -1,17 +1,20 @@
 """THE table of named candidate recipes for ``tfaccel optimize MODEL --auto``.
 
-A recipe is a list of step specs (a step name and its options), a predicate on
-:class:`tfaccel.compat.Capabilities` that says whether this machine can run it (and why not), whether it
-needs fine-tuning data, and the format of the artifact it serves. ``--auto`` builds every recipe that
+A recipe is a list of step specs (a step name and its options), policy predicates on
+:class:`tfaccel.compat.Capabilities` (what ``--auto`` chooses not to try, e.g. emulated half precision),
+whether it needs fine-tuning data, and the format of the artifact it serves. Whether this machine can run
+a recipe at all is each of its steps' :meth:`~tfaccel.core.step.Step.unavailable`. ``--auto`` builds every recipe that
 passes its predicate, validates it against the reference and times it; nothing else decides which
 techniques are tried (like optimum's O1-O4 optimization levels, kept in one place).
 
 Order matters: recipes are built in table order, so when the run's time budget runs out the ones at
-the end are the ones not tried. Cheap recipes that are often fastest come first; structured pruning
-(minutes of distillation) and the side artifacts (tf2onnx is minutes on BERT-base) come last. Recipes
-that share a first step and whose remaining steps are another recipe (the ``prune-structured`` ones:
-their counterparts are ``export``, ``xla``, ``int8-*``) are built together, fastest counterpart first,
-and the search skips the ones a within-budget sibling dominates (:func:`tfaccel.auto.optimize_auto`).
+the end are the ones not tried. Cheap recipes that are often fastest come first (OpenVINO's among them:
+a conversion and an NNCF quantization take seconds, and ov-int8 is the counterpart that orders the pruned
+group's prune-structured+ov-int8); structured pruning (minutes of distillation) and the side artifacts
+(tf2onnx is minutes on BERT-base) come last. Recipes that share a first step and whose remaining steps
+are another recipe (the ``prune-structured`` ones: their counterparts are ``export``, ``xla``, ``int8-*``,
+``ov-int8``) are built together, fastest counterpart first, and the search skips the ones a within-budget
+sibling dominates (:func:`tfaccel.auto.optimize_auto`).
 
 Example:
     >>> from tfaccel.auto.recipes import plan_candidates
@@ -22,14 +25,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tfaccel.errors import PlanError
 
 #: The artifact formats a recipe can serve; ``formats="savedmodel"`` keeps only the first.
-FORMATS = ("savedmodel", "onnx", "tflite", "tensorrt")
+FORMATS = ("savedmodel", "onnx", "tflite", "tensorrt", "openvino")
 #: What ``--formats`` accepts.
 FORMAT_CHOICES = ("savedmodel", "all")
 
@@ -76,7 +78,9 @@ class Recipe:
         name: short unique name, shown in the report (e.g. ``"int8-xla"``).
         steps: the step specs, in order.
         description: one line for the report.
-        requires: predicates on the capabilities; each returns ``(ok, reason)``. All must hold.
+        requires: policy predicates on the capabilities (what --auto chooses not to try, e.g. emulated
+            half precision); each returns ``(ok, reason)``. All must hold. What a step needs to run at
+            all is the step's own :meth:`tfaccel.core.step.Step.unavailable`.
         needs_finetune_data: only a candidate when fine-tuning data is given (or the source has its own
             training split, like minilm-bbc).
         format: what the recipe serves: "savedmodel" (a candidate for ``DIR/saved_model``), or a side
@@ -116,50 +120,19 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------------
-# Predicates: every one asks tfaccel.compat, the one place that probes the machine.
+# Policy: what --auto chooses not to try even where the step could run. What a step needs to run at all
+# (XLA, a kernel form, onnxruntime, a TensorRT route...) is the step's own Step.unavailable(caps), read by
+# plan_candidates for every step of a recipe.
 
 
-def _xla(caps) -> tuple[bool, str]:
-    return (True, "") if caps.xla_available else (False, "XLA does not compile on this TensorFlow build")
-
-
-def _int8_form(form: str) -> Predicate:
-    def predicate(caps) -> tuple[bool, str]:
-        runs, reason = caps.int8_kernel_forms()[form]
-        return (True, "") if runs else (False, f"int8 kernel form '{form}' does not run here: {reason}")
-
-    predicate.__name__ = f"int8_{form}"
-    return predicate
-
-
-def _half(policy: str) -> Predicate:
+def _native_half(policy: str) -> Predicate:
+    """No emulated half precision: mixed_float16 / mixed_bfloat16 run everywhere, but without native
+    instructions they are slower than float32 (7.6x on an AVX2-only Zen 3), never a winner."""
     def predicate(caps) -> tuple[bool, str]:
         native, reason = caps.half_precision(policy)
         return (True, "") if native else (False, f"{policy}: {reason}")
 
     predicate.__name__ = policy
-    return predicate
-
-
-def _onnx(caps) -> tuple[bool, str]:
-    missing = [name for name, version in (("tf2onnx", caps.tf2onnx), ("onnxruntime", caps.onnxruntime)) if not version]
-    return (False, f"{' and '.join(missing)} not installed") if missing else (True, "")
-
-
-def _litert(caps) -> tuple[bool, str]:
-    from tfaccel.compat import package_version
-
-    return (True, "") if package_version("ai-edge-litert") else (False, "ai-edge-litert is not installed")
-
-
-def _trt_route(route: str) -> Predicate:
-    def predicate(caps) -> tuple[bool, str]:
-        have, reason = caps.tensorrt_route
-        if have == route:
-            return True, ""
-        return False, f"TensorRT route '{route}' is not available here ({reason})"
-
-    predicate.__name__ = f"trt_{route}"
     return predicate
 
 
@@ -170,40 +143,40 @@ S = StepSpec.of
 #: never slower than what the user had.
 RECIPES: tuple[Recipe, ...] = (
     Recipe("export", (S("export"),), "float32 SavedModel, no XLA (the baseline: what model.export gives)"),
-    Recipe("xla", (S("xla"),), "float32, XLA-compiled serving function", requires=(_xla,)),
-    Recipe("int8-xla", (S("int8", kernel="xla"),), "Keras int8, int8 x int8 products in XLA",
-           requires=(_xla, _int8_form("xla"))),
-    Recipe("int8-onednn", (S("int8", kernel="onednn"),), "Keras int8, oneDNN's int8 inner product (no XLA)",
-           requires=(_int8_form("onednn"),)),
-    Recipe("int8-keras", (S("int8", kernel="keras"),), "Keras int8, Keras' own int8 calls (comparison form)",
-           requires=(_int8_form("keras"),)),
+    Recipe("xla", (S("xla"),), "float32, XLA-compiled serving function"),
+    Recipe("int8-xla", (S("int8", kernel="xla"),), "Keras int8, int8 x int8 products in XLA"),
+    Recipe("int8-onednn", (S("int8", kernel="onednn"),), "Keras int8, oneDNN's int8 inner product (no XLA)"),
+    Recipe("int8-keras", (S("int8", kernel="keras"),), "Keras int8, Keras' own int8 calls (comparison form)"),
     Recipe("mixed_bfloat16", (S("mixed_bfloat16"),), "bfloat16 compute, float32 head/softmax/norms",
-           requires=(_half("mixed_bfloat16"),)),
+           requires=(_native_half("mixed_bfloat16"),)),
     Recipe("mixed_float16", (S("mixed_float16"),), "float16 compute, float32 head/softmax/norms",
-           requires=(_half("mixed_float16"),)),
+           requires=(_native_half("mixed_float16"),)),
+    Recipe("openvino", (S("export"), S("openvino")),
+           "OpenVINO IR (openvino.convert_model) in OpenVINO's CPU plugin, in bf16 where the CPU has it (f32 on a "
+           "bf16 CPU measured 0.6-0.8x as fast, so it is no candidate), else f32", format="openvino"),
+    Recipe("ov-int8", (S("export"), S("openvino"), S("ov-int8")),
+           "OpenVINO int8 (NNCF post-training quantization, ModelType.TRANSFORMER, 64 calibration samples)",
+           format="openvino"),
     Recipe("prune-structured", (S("prune-structured"),),
            "half the feed-forward units removed, distilled on the fine-tuning data", needs_finetune_data=True),
-    Recipe("prune-structured+xla", (S("prune-structured"), S("xla")), "pruned and distilled, then XLA",
-           requires=(_xla,), needs_finetune_data=True),
+    Recipe("prune-structured+xla", (S("prune-structured"), S("xla")), "pruned and distilled, then XLA", needs_finetune_data=True),
     Recipe("prune-structured+int8-xla", (S("prune-structured"), S("int8", kernel="xla")),
-           "pruned and distilled, then int8 in XLA", requires=(_xla, _int8_form("xla")), needs_finetune_data=True),
+           "pruned and distilled, then int8 in XLA", needs_finetune_data=True),
     Recipe("prune-structured+int8-onednn", (S("prune-structured"), S("int8", kernel="onednn")),
-           "pruned and distilled, then int8 in oneDNN", requires=(_int8_form("onednn"),), needs_finetune_data=True),
-    Recipe("tftrt-fp16", (S("export"), S("tftrt", precision="fp16")), "TF-TRT fp16 SavedModel (NVIDIA GPU)",
-           requires=(_trt_route("tftrt"),)),
-    Recipe("tftrt-int8", (S("export"), S("tftrt", precision="int8")), "TF-TRT int8 SavedModel (NVIDIA GPU)",
-           requires=(_trt_route("tftrt"),)),
-    Recipe("onnx", (S("export"), S("onnx", opset=17)), "ONNX (tf2onnx) in onnxruntime, float32",
-           requires=(_onnx,), format="onnx"),
+           "pruned and distilled, then int8 in oneDNN", needs_finetune_data=True),
+    Recipe("prune-structured+ov-int8", (S("prune-structured"), S("export"), S("openvino"), S("ov-int8")),
+           "pruned and distilled, then OpenVINO int8 (NNCF)", needs_finetune_data=True, format="openvino"),
+    Recipe("tftrt-fp16", (S("export"), S("tftrt", precision="fp16")), "TF-TRT fp16 SavedModel (NVIDIA GPU)"),
+    Recipe("tftrt-int8", (S("export"), S("tftrt", precision="int8")), "TF-TRT int8 SavedModel (NVIDIA GPU)"),
+    Recipe("onnx", (S("export"), S("onnx", opset=17)), "ONNX (tf2onnx) in onnxruntime, float32", format="onnx"),
     Recipe("ort-int8", (S("export"), S("onnx", opset=17), S("ort-int8")),
-           "onnxruntime dynamic int8 (the step picks per_channel/reduce_range for this CPU)", requires=(_onnx,), format="onnx"),
-    Recipe("litert-dynamic", (S("export"), S("litert-dynamic")), "LiteRT dynamic-range int8 (.tflite)",
-           requires=(_litert,), format="tflite"),
+           "onnxruntime dynamic int8 (the step picks per_channel/reduce_range for this CPU)", format="onnx"),
+    Recipe("litert-dynamic", (S("export"), S("litert-dynamic")), "LiteRT dynamic-range int8 (.tflite)", format="tflite"),
     Recipe("tensorrt-fp16", (S("export"), S("onnx", opset=17), S("tensorrt", precision="fp16")),
-           "TensorRT fp16 engine from the ONNX model (NVIDIA GPU)", requires=(_onnx, _trt_route("tensorrt")),
+           "TensorRT fp16 engine from the ONNX model (NVIDIA GPU)",
            format="tensorrt"),
     Recipe("tensorrt-int8", (S("export"), S("onnx", opset=17), S("tensorrt", precision="int8")),
-           "TensorRT int8 engine from the ONNX model (NVIDIA GPU)", requires=(_onnx, _trt_route("tensorrt")),
+           "TensorRT int8 engine from the ONNX model (NVIDIA GPU)",
            format="tensorrt"),
 )
 
@@ -283,10 +256,8 @@ def plan_candidates(
                                                   "an .npz of inputs and labels)"))
             continue
         ok, reason = r.check(caps)
+        if ok:  # what each step needs to run here (Step.unavailable), then the recipe's policy
+            reason = next((why for step in r.make_steps() if (why := step.unavailable(caps))), "")
+            ok = not reason
         out.append(PlannedCandidate(r, ok, reason))
     return out
-
-
-def step_key(step) -> str:
-    """A step's identity for sharing built prefixes between recipes (its name and settings)."""
-    return json.dumps(step.get_config(), sort_keys=True, default=str)

@@ -61,7 +61,8 @@ class Step(abc.ABC):
     1. :meth:`bind`: a step that can take several kinds picks the one this source gives (``xla`` takes
        a Keras model or a SavedModel source); the default keeps ``consumes``.
     2. :meth:`check`: what the step needs to run here (an optional package, a GPU, settings that fit the
-       source, the user's files), raised as a TfaccelError before any step runs.
+       source, the user's files), raised as a TfaccelError before any step runs. What depends only on the
+       machine is :meth:`unavailable`, which ``--auto`` also reads to filter its recipes.
     3. :meth:`apply`: the work.
 
     Args:
@@ -99,12 +100,21 @@ class Step(abc.ABC):
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         """Produce the next artifact from ``artifact``, writing it under ``ctx.stage_dir``."""
 
+    def unavailable(self, caps) -> str:
+        """Why this step cannot run on this machine, or "" when it can: a missing optional package, no
+        GPU, a TensorFlow without XLA or TF-TRT, a kernel form this CPU lacks. Read from ``caps``
+        (:func:`tfaccel.compat.capabilities`) only, so ``override_capabilities`` decides it in tests."""
+        return ""
+
     def check(self, source: ModelSource) -> None:
-        """Raise a TfaccelError if this step cannot run on ``source`` here (a missing optional package,
-        no GPU, a TensorFlow build without a feature, settings that do not fit the source, a data file
-        that cannot be used). The planner calls it for every step before any step runs; the default
-        accepts all."""
-        return None
+        """Raise a TfaccelError if this step cannot run on ``source`` here (:meth:`unavailable` on this
+        machine, settings that do not fit the source, a data file that cannot be used). The planner calls
+        it for every step before any step runs. Subclasses that add checks call ``super().check(source)``."""
+        from tfaccel.compat import capabilities
+
+        reason = self.unavailable(capabilities())
+        if reason:
+            raise PlanError(f"Step '{self.name}' cannot run here: {reason}.")
 
     def params(self) -> dict[str, Any]:
         """The step's settings, as recorded in the report."""

@@ -12,7 +12,7 @@ the order rotating each round, so background load on a shared machine falls on a
   (< ``settle_below_s``), one untimed call precedes its block, so thread pools another runtime left
   spinning (onnxruntime spins after a run) do not bill this one.
 - **Budget**: ``max_seconds`` is the seconds of timed calls a contender may spend (at least 3 calls are
-  always made); ``runs`` caps its timed calls. One meaning everywhere.
+  always made, or ``runs`` if fewer); ``runs`` caps its timed calls. One meaning everywhere.
 - **Early stop**: with ``stop_slower``, once every contender has ``min_runs`` timed calls, a contender
   clearly slower than the fastest (:meth:`InterleavedTiming.clearly_slower`) stops; those in ``keep``
   (a baseline every ratio is relative to) never stop.
@@ -34,12 +34,7 @@ from typing import Any
 import numpy as np
 
 from tfaccel.core.measure import Measurement
-
-
-def error_text(exc: BaseException) -> str:
-    """``Type: first line of the message`` (what a timing records for a contender that failed)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+from tfaccel.errors import first_line
 
 
 @dataclasses.dataclass
@@ -94,7 +89,7 @@ def interleave(
 
     Args:
         calls: name -> callable; each call is one unit of work.
-        runs: timed calls per contender at most (>= 3: a median needs a few).
+        runs: timed calls per contender at most (>= 1; 3 or more for a median worth comparing).
         warmup: untimed calls per contender before timing, the first included (>= 0; with 0 the first
             timed call is also the first call).
         max_seconds: seconds of timed calls per contender (at least 3 calls are made); None: no limit.
@@ -112,8 +107,8 @@ def interleave(
     Returns:
         An :class:`InterleavedTiming`.
     """
-    if runs < 3:
-        raise ValueError(f"runs must be at least 3 for a median. Received: runs={runs!r}")
+    if not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an int >= 1 (3 or more for a median worth comparing). Received: runs={runs!r}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0. Received: warmup={warmup!r}")
     names = list(calls)
@@ -123,6 +118,13 @@ def interleave(
     errors: dict[str, str] = {}
     stopped: dict[str, str] = {}
     last = [None]
+
+    def fail(name: str, exc: Exception) -> None:
+        if raise_errors:
+            raise exc
+        errors[name] = first_line(exc)
+        if log:
+            log(f"  {name}: FAILED: {errors[name]}")
 
     def call(name: str) -> float:
         t = time.perf_counter()
@@ -139,11 +141,7 @@ def interleave(
                     ms = call(name)
                 est_s[name] = ms / 1000
         except Exception as exc:
-            if raise_errors:
-                raise
-            errors[name] = error_text(exc)
-            if log:
-                log(f"  {name}: FAILED: {errors[name]}")
+            fail(name, exc)
 
     def active(name: str) -> bool:
         done = len(times[name])
@@ -186,14 +184,12 @@ def interleave(
                 if settle_below_s and est < settle_below_s and last[0] not in (None, name):
                     call(name)
                 block = max(1, min(5, int(block_seconds / max(est, 1e-6))))
-                for _ in range(min(block, runs - len(times[name]))):
+                for _ in range(block):
+                    if not active(name):  # the budget and runs hold inside a block too
+                        break
                     times[name].append(call(name))
             except Exception as exc:
-                if raise_errors:
-                    raise
-                errors[name] = error_text(exc)
-                if log:
-                    log(f"  {name}: FAILED: {errors[name]}")
+                fail(name, exc)
         stop_clearly_slower()
     return _summary([n for n in names if n not in errors])
 
@@ -227,3 +223,50 @@ def time_runner(runner: Callable[[dict[str, np.ndarray]], Any], inputs: dict[str
     t = time_interleaved({"runner": runner}, inputs, seq=seq, warmup=warmup, runs=runs, max_seconds=max_seconds,
                          raise_errors=True)
     return t.measurements["runner"]
+
+
+@dataclasses.dataclass
+class ShapeTiming:
+    """One shape of :func:`time_against_baseline`: the interleaved timing and each runner's speed-up
+    over the baseline (baseline p50 / its p50; empty when the baseline did not run)."""
+
+    batch: int
+    seq: int
+    timing: InterleavedTiming
+    speedups: dict[str, float]
+
+
+def time_against_baseline(
+    runners: dict[str, Callable[[dict[str, np.ndarray]], Any]],
+    make_inputs: Callable[[int, int], dict[str, np.ndarray]],
+    shapes: Collection[tuple[int, int]],
+    baseline: str | None,
+    *,
+    keep: Collection[str] = (),
+    **options: Any,
+) -> list[ShapeTiming]:
+    """Time runners interleaved at each (batch, sequence) shape, with speed-ups over ``baseline``.
+
+    A runner that fails at one shape is removed from ``runners`` (it is not timed at later shapes); its
+    error is in that shape's ``timing.errors``. The baseline is never stopped early.
+
+    Args:
+        runners: name -> runner taking named inputs (the dict is modified: failed runners are removed).
+        make_inputs: ``make_inputs(batch, seq)`` -> the inputs every runner gets at that shape.
+        shapes: (batch, sequence length) pairs.
+        baseline: the runner every speed-up is relative to (None: no speed-ups).
+        keep: more runners never stopped early.
+        **options: :func:`interleave` options (runs, warmup, max_seconds, stop_slower, ...).
+    """
+    out = []
+    for batch, seq in shapes:
+        if not runners:
+            break
+        t = time_interleaved(runners, make_inputs(batch, seq), seq=seq,
+                             keep={*keep, *([baseline] if baseline else [])}, **options)
+        for name in t.errors:
+            runners.pop(name, None)
+        base = t.measurements.get(baseline) if baseline else None
+        speedups = {n: base.p50_ms / m.p50_ms for n, m in t.measurements.items()} if base else {}
+        out.append(ShapeTiming(batch, seq, t, speedups))
+    return out

@@ -141,3 +141,53 @@ def classification_accuracy(runner, inputs: dict[str, np.ndarray], labels: np.nd
         logits = next(iter(out.values())) if len(out) == 1 else out.get("logits", next(iter(out.values())))
         correct += int(np.sum(np.argmax(logits, axis=-1) == labels[start : start + batch_size]))
     return correct / n
+
+
+@dataclasses.dataclass
+class Reference:
+    """The reference model's outputs on the sample inputs, and its accuracy on the labelled eval split,
+    computed once; every candidate artifact is checked against it (:meth:`check`).
+
+    Attributes:
+        outputs: the reference's outputs on ``sample_inputs``.
+        accuracy: its accuracy on the eval split (None when there is no labelled split, or ``accuracy=False``).
+        eval_batch: the batch size accuracy is measured at.
+
+    Example:
+        >>> ref = Reference.of(Artifact.of_source(source).runner(), source)  # doctest: +SKIP
+        >>> ref.check(candidate_runner).min_cosine  # doctest: +SKIP
+        0.99998
+    """
+
+    outputs: dict[str, np.ndarray]
+    sample_inputs: dict[str, np.ndarray]
+    eval_inputs: dict[str, np.ndarray] | None = None
+    eval_labels: np.ndarray | None = None
+    accuracy: float | None = None
+    eval_batch: int = 32
+
+    @classmethod
+    def of(cls, runner, source, *, accuracy: bool = True, eval_batch: int | None = None) -> Reference:
+        """Run the reference once on ``source``'s sample inputs (and its labelled eval split, for a
+        classification source with labels, unless ``accuracy`` is False)."""
+        labelled = accuracy and source.eval_labels is not None and source.task == "classification"
+        ref = cls(outputs=runner(source.sample_inputs), sample_inputs=source.sample_inputs,
+                  eval_inputs=source.eval_inputs if labelled else None,
+                  eval_labels=source.eval_labels if labelled else None, eval_batch=eval_batch or 32)
+        if labelled:
+            ref.accuracy = classification_accuracy(runner, ref.eval_inputs, ref.eval_labels, batch_size=ref.eval_batch)
+        return ref
+
+    @property
+    def labelled(self) -> bool:
+        return self.eval_labels is not None
+
+    def check(self, runner) -> Comparison:
+        """Compare ``runner``'s outputs on the sample inputs with the reference's, and its accuracy
+        (when the reference has a labelled split)."""
+        comp = compare_outputs(self.outputs, runner(self.sample_inputs))
+        if self.labelled:
+            comp.accuracy = classification_accuracy(runner, self.eval_inputs, self.eval_labels,
+                                                    batch_size=self.eval_batch)
+            comp.reference_accuracy = self.accuracy
+        return comp

@@ -102,29 +102,26 @@ def gpt2_tiny(progress=None):
     return _source(model, "gpt2-tiny", task="causal_lm", description="tiny GPT-2 causal LM, random weights")
 
 
-def bert_base(progress=None):
+def _random_architecture(progress, name: str, backbone_cls: str, task: str, description: str, **config):
+    """A keras-hub architecture at full size with random weights (seeded), for speed work."""
     import keras_hub
 
-    _say(progress, "building bert-base (random weights)")
+    _say(progress, f"building {name} (random weights)")
     _seeded()
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=30522, num_layers=12, num_heads=12, hidden_dim=768, intermediate_dim=3072,
-        max_sequence_length=512,
-    )
-    return _source(backbone, "bert-base", task="backbone", description="BERT-base architecture, random weights")
+    backbone = getattr(keras_hub.models, backbone_cls)(num_layers=12, num_heads=12, hidden_dim=768,
+                                                       intermediate_dim=3072, **config)
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None) if task == "causal_lm" else backbone
+    return _source(model, name, task=task, description=description)
+
+
+def bert_base(progress=None):
+    return _random_architecture(progress, "bert-base", "BertBackbone", "backbone", "BERT-base architecture, random "
+                                "weights", vocabulary_size=30522, max_sequence_length=512)
 
 
 def gpt2_small(progress=None):
-    import keras_hub
-
-    _say(progress, "building gpt2-small (random weights)")
-    _seeded()
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50257, num_layers=12, num_heads=12, hidden_dim=768, intermediate_dim=3072,
-        max_sequence_length=1024,
-    )
-    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    return _source(model, "gpt2-small", task="causal_lm", description="GPT-2 small architecture, random weights")
+    return _random_architecture(progress, "gpt2-small", "GPT2Backbone", "causal_lm", "GPT-2 small architecture, "
+                                "random weights", vocabulary_size=50257, max_sequence_length=1024)
 
 
 def minilm_dir() -> str:

@@ -84,6 +84,8 @@ class OnnxStep(Step):
 
     Args:
         opset: ONNX opset to target (recorded in the report).
+        fuse: apply onnxruntime's transformer fusions to the graph (:func:`tfaccel.onnx.ort_fusions.fuse_for_onnxruntime`:
+            the gelu fuses on tf2onnx's BERT graphs); the report lists what fused.
     """
 
     name = "onnx"
@@ -93,15 +95,37 @@ class OnnxStep(Step):
     # onnxruntime fuses and reorders float32 math: small float differences, same results.
     default_tolerance = Tolerance(max_abs_diff=1e-3, min_cosine=0.9999, max_accuracy_drop=0.0)
 
-    def __init__(self, opset: int = DEFAULT_OPSET, **kwargs):
+    def __init__(self, opset: int = DEFAULT_OPSET, fuse: bool = True, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(opset, int) or not 13 <= opset <= 21:
             raise ValueError(f"opset must be an int from 13 to 21. Received: opset={opset!r}")
+        if not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be true or false. Received: fuse={fuse!r}")
         self.opset = opset
+        self.fuse = fuse
 
     def params(self):
-        return {"opset": self.opset}
+        return {"opset": self.opset, "fuse": self.fuse}
+
+    def unavailable(self, caps) -> str:
+        missing = [n for n, v in (("tf2onnx", caps.tf2onnx), ("onnxruntime", caps.onnxruntime)) if not v]
+        return f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})" if missing else ""
+
+    def check(self, source) -> None:
+        """A missing tf2onnx or onnxruntime is found here, before any step runs (MissingDependencyError)."""
+        from tfaccel.compat import require
+
+        require("tf2onnx", purpose="the onnx step (SavedModel -> ONNX)")
+        require("onnxruntime", purpose="checking the ONNX model")
+        super().check(source)
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         path = convert_saved_model(artifact.path, ctx.stage_dir / "model.onnx", opset=self.opset, log=ctx.log)
-        return Artifact(kind="onnx", path=path, input_names=artifact.input_names, info={"opset": self.opset})
+        info = {"opset": self.opset}
+        if self.fuse:
+            from tfaccel.onnx.ort_fusions import fuse_for_onnxruntime
+
+            fused = info["fused"] = fuse_for_onnxruntime(path)
+            ctx.note("onnxruntime transformer fusions: " + (", ".join(f"{k} x{v}" for k, v in fused.items())
+                                                            if fused else "none matched"))
+        return Artifact(kind="onnx", path=path, input_names=artifact.input_names, info=info)

@@ -55,6 +55,9 @@ class OrtInt8Step(Step):
                                  f"Received: {name}={value!r}")
         self.requested = {"per_channel": per_channel, "reduce_range": reduce_range}
 
+    def unavailable(self, caps) -> str:
+        return "" if caps.onnxruntime else "onnxruntime not installed (pip install onnxruntime)"
+
     def settings(self) -> dict:
         """The settings this step uses here: the requested ones, the CPU's choice for the rest."""
         from tfaccel.compat import capabilities

@@ -9,16 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.errors import TfaccelError
+from tfaccel.errors import OverBudget
 
 
-class DistillationOverBudget(TfaccelError):
+class DistillationOverBudget(OverBudget):
     """Distillation stopped because its measured step time says it would not finish within
     ``max_seconds`` (raised by :func:`distill`; ``projected_s`` and ``max_seconds`` say by how much)."""
-
-    def __init__(self, message: str, projected_s: float, max_seconds: float):
-        super().__init__(message)
-        self.projected_s, self.max_seconds = projected_s, max_seconds
 
 
 def _budget_callback(total_steps: int, max_seconds: float):

@@ -124,6 +124,7 @@ def choose_kernel(medians: dict[str, dict[str, float]]) -> str:
 class _KerasQuantizeStep(Step):
     consumes = "keras"
     produces = "saved_model"
+    quantized_output = True  # conversions that need a float SavedModel (openvino) refuse it at plan time
     mode: str = "int8"
 
     def __init__(self, config: QuantizationConfig | dict | None = None, *, layer_types=None, include=None,
@@ -235,6 +236,13 @@ class Int8Step(_KerasQuantizeStep):
         if self.kernel_choice is not None:
             p["kernel_choice"] = self.kernel_choice
         return p
+
+    def unavailable(self, caps) -> str:
+        if self.requested_kernel in ("onednn", "xla", "keras"):
+            ok, why = caps.int8_kernel_forms()[self.requested_kernel]
+            if not ok:
+                return f"int8 kernel form '{self.requested_kernel}' does not run here: {why}"
+        return ""
 
     def check(self, source) -> None:
         """Refuse, before any work, a kernel form this machine cannot run."""

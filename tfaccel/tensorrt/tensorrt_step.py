@@ -61,6 +61,8 @@ class TensorRTStep(TrtStepBase):
             return TF32_TOLERANCE
         return TENSORRT_TOLERANCES[config.precision]
 
+    route = "tensorrt"
+
     def check(self, source):
         """Fail before any work where the step cannot run: returns the imported ``tensorrt`` module.
 

@@ -135,6 +135,8 @@ class TftrtStep(TrtStepBase):
     def tolerance_for(cls, config: TftrtConfig) -> Tolerance:
         return TFTRT_TOLERANCES[config.precision]
 
+    route = "tftrt"
+
     def check(self, source) -> None:
         """Fail before any work where TF-TRT cannot run: no TensorRT in TensorFlow, no GPU, bad profile."""
         require_tf_tensorrt()

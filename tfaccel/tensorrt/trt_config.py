@@ -260,10 +260,17 @@ class TrtStepBase(Step):
         self.config = config
         self.calibration_inputs = calibration_inputs
 
+    #: The TensorRT route this step takes (:attr:`tfaccel.compat.Capabilities.tensorrt_route`).
+    route: ClassVar[str]
+
     @classmethod
     def tolerance_for(cls, config) -> Tolerance:
         """The default tolerance of a step with ``config``."""
         raise NotImplementedError
+
+    def unavailable(self, caps) -> str:
+        have, reason = caps.tensorrt_route
+        return "" if have == self.route else f"TensorRT route '{self.route}' is not available here ({reason})"
 
     def params(self) -> dict[str, Any]:
         return self.config.get_config()

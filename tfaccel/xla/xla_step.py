@@ -74,6 +74,9 @@ class XlaStep(Step):
     def params(self):
         return {"buckets": list(self.buckets) if self.buckets else None, "jit_compile": True}
 
+    def unavailable(self, caps) -> str:
+        return "" if caps.xla_available else "XLA does not compile on this TensorFlow build"
+
     def bind(self, source) -> None:
         """Take the SavedModel itself for a SavedModel source (no Keras model exists in that pipeline),
         the Keras model otherwise."""

@@ -1,0 +1,59 @@
+"""``--auto``, phases 5 and 6: time every candidate that ran, interleaved at every shape against the
+baseline, then score and rank them and pick the winner (the fastest SavedModel within the budget) and
+the fastest artifact of any format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from tfaccel.auto.auto_report import DROPPED, KEPT, AutoReport
+from tfaccel.core.timer import time_against_baseline
+from tfaccel.errors import TfaccelError
+
+#: In the final timing, stop timing a candidate that is clearly slower than the fastest one (its
+#: fastest quarter of calls slower than the fastest's slowest quarter, and a median over this factor).
+STOP_SLOWER_MARGIN = 1.2
+
+
+def time_candidates(report: AutoReport, runners: dict[str, Any], make_inputs: Callable, shapes, *, runs: int,
+                    warmup: int, max_seconds: float, log: Callable[[str], None]) -> None:
+    """Time every validated candidate (within the budget or not: the plot shows both) interleaved, and
+    record its measurements and speed-ups. A candidate whose timing fails is dropped with the reason."""
+    log(f"timing {len(runners)} candidates interleaved at {', '.join(f'{b}x{s}' for b, s in shapes)} ({runs} runs "
+        f"each, round-robin, at most {max_seconds:.3g}s of calls each; clearly slower ones stop after 5)")
+    for st in time_against_baseline(runners, make_inputs, shapes, report.baseline, runs=runs, warmup=warmup,
+                                    max_seconds=max_seconds, stop_slower=STOP_SLOWER_MARGIN):
+        shape = f"{st.batch}x{st.seq}"
+        for name, err in st.timing.errors.items():
+            if name == report.baseline:
+                raise TfaccelError(f"Timing the baseline '{report.baseline}' at {shape} failed: {err}")
+            c = report.candidate(name)
+            c.status, c.reason = DROPPED, f"timing at {shape} failed: {err}"
+            log(f"  {name}: timing FAILED: {err}")
+        for name, why in st.timing.stopped.items():
+            report.candidate(name).notes.append(f"timing at {shape}: {why}")
+        log(f"  at {shape}:")
+        for name, m in st.timing.measurements.items():
+            c = report.candidate(name)
+            c.measurements.append(m.to_dict())
+            c.speedups[shape] = st.speedups[name]
+            log(f"  {name:30s} p50 {m.p50_ms:9.2f} ms  p95 {m.p95_ms:9.2f} ms  {st.speedups[name]:5.2f}x  "
+                f"({m.runs} runs{', stopped: clearly slower' if name in st.timing.stopped else ''}) [{c.status}]")
+
+
+def rank(report: AutoReport) -> None:
+    """Score (geometric-mean speed-up over the shapes), rank, and pick the winner and the fastest of any
+    format."""
+    n_shapes = len(report.shapes)
+    for c in report.candidates:
+        if len(c.speedups) == n_shapes and c.status in (KEPT, DROPPED):
+            c.score = math.exp(sum(math.log(v) for v in c.speedups.values()) / n_shapes)
+    for i, c in enumerate(report.ranked(), 1):
+        c.rank = i if c.score is not None else None
+    kept = [c for c in report.candidates if c.status == KEPT and c.score is not None]
+    saved_models = [c for c in kept if c.kind == "saved_model"]
+    report.winner = max(saved_models, key=lambda c: c.score).name
+    report.fastest_artifact = max(kept, key=lambda c: c.score).name

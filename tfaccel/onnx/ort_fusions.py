@@ -1,0 +1,58 @@
+"""Transformer graph fusions for onnxruntime on tf2onnx's graphs.
+
+What was tried on minilm-bbc's tf2onnx graph (opset 17; issue 20):
+
+- onnxscript 0.7.2's ``optimize_for_ort`` rewriter: no fusion matched (its patterns follow the torch
+  exporter's graphs), but its optimizer folds tf2onnx's shape arithmetic (724 -> 633 nodes: Shape 49 -> 25,
+  Gather 62 -> 32, Concat 50 -> 32).
+- onnxruntime's transformer optimizer (``onnxruntime.transformers.optimizer.optimize_model``) with
+  ``model_type`` bert_keras, bert_tf or bert: only the gelu fuses (``FastGelu`` x 6); attention and layer
+  norms stay unfused (onnxruntime#10359). Its ``opt_level`` >= 1 imports torch, so only its Python fusions
+  (``opt_level=0``) run here; onnxruntime applies its own graph optimizations when the session loads.
+
+Both are kept (:func:`fuse_for_onnxruntime`): dynamic int8 of the result ran 1.2-1.4x faster than of the
+plain graph at 1x128 and 32x128 (minilm-bbc, interleaved, load 10), the same accuracy. Not fused by either:
+tf2onnx's layer norms (GlobalAveragePool-based, 13 of them) and attention.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tfaccel.core.files import atomic_file
+
+
+def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> dict[str, int]:
+    """onnxscript's ``optimize_for_ort`` (its optimizer folds tf2onnx's shape arithmetic), then onnxruntime's
+    transformer fusions (Python fusions only: ``opt_level=0``, no torch), on an ONNX file.
+
+    Args:
+        onnx_path: the ONNX file (from tf2onnx).
+        output_path: where to write the result (default: replace ``onnx_path``).
+
+    Returns:
+        What changed: the fused operators and their counts (e.g. ``{"FastGelu": 6}``) and ``nodes_removed``.
+
+    Example:
+        >>> fuse_for_onnxruntime("model.onnx")  # doctest: +SKIP
+        {'FastGelu': 6, 'nodes_removed': 115}
+    """
+    import logging
+
+    import onnx
+    import onnx_ir as ir
+    from onnxruntime.transformers import optimizer
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # "Model producer not matched"
+    before = len(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    model, counts = optimize_for_ort(ir.load(str(onnx_path)))
+    fused = {k: int(v) for k, v in counts.items() if v}
+    proto = ir.to_proto(model)
+    ort_model = optimizer.optimize_model(proto, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    fused.update({k: int(v) for k, v in ort_model.get_fused_operator_statistics().items() if v})
+    fused["nodes_removed"] = before - len(ort_model.model.graph.node)
+    with atomic_file(Path(output_path or onnx_path)) as tmp:
+        ort_model.save_model_to_file(str(tmp))
+    return fused
