@@ -68,7 +68,8 @@ def test_native_layout_keeps_grouped_kv_heads_in_one_key_and_one_value_cache(lla
     assert llama_tiny.backbone.num_query_heads == 4 and layout.max_length == 4096  # the rotary tables' length
     sess = ort.InferenceSession(str(d["fp32"] / "decoder.onnx"))
     shapes = {i.name: i.shape for i in sess.get_inputs()}
-    assert set(shapes) == {"input_ids", "attention_mask", "past_key_0", "past_value_0", "past_key_1", "past_value_1"}
+    assert set(shapes) == {"input_ids", "attention_mask", "logits_from", "past_key_0", "past_value_0", "past_key_1",
+                           "past_value_1"}
     assert shapes["past_key_0"][1] == 2 and shapes["past_key_0"][3] == 8  # [batch, kv_heads, past, head_dim]
     assert [o.name for o in sess.get_outputs()] == ["logits", "present_key_0", "present_value_0", "present_key_1",
                                                     "present_value_1"]
