@@ -203,7 +203,12 @@ class _CalibratedQuantizeStep(Step):
         ctx.log(f"  Keras {self.mode.upper()} on {n} windows of {windows.shape[1]} tokens")
         t0 = time.perf_counter()
         model = keras_quantize_causal_lm(artifact.model, self.mode, windows, num_samples=n, **self._options())
-        layers = sum(1 for layer in model._flatten_layers() if getattr(layer, "quantization_mode", None) == self.mode)
+        quantized = [layer for layer in model._flatten_layers() if getattr(layer, "quantization_mode", None) == self.mode]
+        layers = len(quantized)
+        wide = [layer.path for layer in quantized if int(np.asarray(layer.kernel_zero).max()) > 15]
+        if wide:
+            ctx.note(f"{len(wide)} layers have zero points outside 4 bits (e.g. {wide[0]}): the ONNX decoder cannot carry "
+                     f"them; --set {self.name}.symmetric=true avoids it")
         ctx.note(f"Keras {self.mode.upper()}: {layers} layers to 4 bits in groups of {self.group_size}, calibrated on "
                  f"{n} windows of {windows.shape[1]} tokens from {how} ({time.perf_counter() - t0:.0f}s); the token "
                  "embedding and LM head stay float (ort-decoder-int8 / -int4 can quantize them in the decoder)")
@@ -221,8 +226,10 @@ class GptqStep(_CalibratedQuantizeStep):
 
     Args:
         group_size: input rows per scale (16-256, default 32: llama.cpp Q4_0's block).
-        symmetric: symmetric groups (default: every zero point is 8, which the ONNX decoder's 4-bit packing
-            holds; Keras 3.15's asymmetric zero points are not clamped to 4 bits).
+        symmetric: symmetric groups (every zero point 8). Default False: a zero point per group, closer to the
+            float model (gpt2-bbc, 128 windows: KL 1.5e-4 against 1.9e-4 symmetric). Keras 3.15 does not clamp
+            asymmetric zero points to 4 bits (keras#23512); a group that needs one outside 0-15 is reported here
+            and refused by onnx-decoder, which then asks for ``symmetric=True``.
         hessian_damping: Keras' damping (default 0.01).
         num_samples: calibration windows (default 128).
         max_perplexity_ratio, max_kl, min_same_top, quality_windows: the quality budget on held-out text
@@ -232,7 +239,7 @@ class GptqStep(_CalibratedQuantizeStep):
     name = "gptq"
     mode = "gptq"
 
-    def __init__(self, group_size: int = 32, symmetric: bool = True, hessian_damping: float = 0.01, **kwargs):
+    def __init__(self, group_size: int = 32, symmetric: bool = False, hessian_damping: float = 0.01, **kwargs):
         super().__init__(group_size=group_size, **kwargs)
         if not 0.0 <= float(hessian_damping) <= 1.0:
             raise ValueError(f"hessian_damping must be in [0, 1]. Received: hessian_damping={hessian_damping!r}")
