@@ -4,6 +4,7 @@
     tfaccel steps
     tfaccel optimize MODEL --steps export,onnx --out DIR [--shape 1x128 ...]
     tfaccel optimize MODEL --auto [--max-accuracy-drop 1.0] [--formats savedmodel|all] [--time-budget S] --out DIR
+    tfaccel optimize CAUSAL_LM --auto [--shape 1x32+64] [--max-perplexity-ratio 1.01] [--max-kl 0.01] --out DIR
     tfaccel bench MODEL_OR_ARTIFACT [--shape 1x128 ...]
     tfaccel serve-check SAVED_MODEL_DIR
     tfaccel generate ARTIFACT --prompt-ids 1,2,3 [--max-new-tokens N] [--stop-token-id T] [--threads N]
@@ -106,7 +107,8 @@ def _data_options(args, names: list[str], options: dict[str, dict]) -> str | Non
     return args.eval_data or args.eval_texts
 
 
-_AUTO_ONLY = {"max_accuracy_drop": "--max-accuracy-drop", "formats": "--formats", "time_budget": "--time-budget"}
+_AUTO_ONLY = {"max_accuracy_drop": "--max-accuracy-drop", "formats": "--formats", "time_budget": "--time-budget",
+              "max_perplexity_ratio": "--max-perplexity-ratio", "max_kl": "--max-kl"}
 
 
 def cmd_optimize_auto(args) -> int:
@@ -127,14 +129,30 @@ def cmd_optimize_auto(args) -> int:
         kwargs["calibration_data"] = data["calibration_data"]
     source = load_source(args.model, task=args.task, num_classes=args.num_classes, sample_inputs=args.inputs,
                          progress=_log, **kwargs)
+    causal = source.task == "causal_lm" and source.kind == "keras"
+    if causal:  # generation: BATCHxPROMPT+NEW shapes, a budget on held-out text
+        from tfaccel.auto.generation_search import parse_generation_shape
+
+        if args.max_accuracy_drop is not None:
+            raise ValueError("--max-accuracy-drop judges classifiers; a causal LM's --auto budget is "
+                             "--max-perplexity-ratio / --max-kl on held-out text.")
+        shapes = [parse_generation_shape(v) for v in (args.shape or [])] or None
+        generation = {k: v for k, v in (("max_perplexity_ratio", args.max_perplexity_ratio),
+                                        ("max_kl", args.max_kl)) if v is not None}
+        runs, warmup = min(args.runs, 5), min(args.warmup, 1)  # whole generations
+    else:
+        if args.max_perplexity_ratio is not None or args.max_kl is not None:
+            raise ValueError("--max-perplexity-ratio / --max-kl judge a causal LM's generation on held-out text; "
+                             f"{source.name} is a {source.task} model (see --max-accuracy-drop).")
+        shapes, generation, runs, warmup = _parse_shapes(args.shape) or None, None, args.runs, args.warmup
     report = optimize_auto(
-        source, args.out, shapes=_parse_shapes(args.shape) or None, formats=args.formats or "savedmodel",
+        source, args.out, shapes=shapes, formats=args.formats,
         max_accuracy_drop=1.0 if args.max_accuracy_drop is None else args.max_accuracy_drop,
         time_budget_s=DEFAULT_TIME_BUDGET_S if args.time_budget is None else args.time_budget,
-        finetune_data=getattr(args, "train_data", None), runs=args.runs, warmup=args.warmup,
-        overwrite=args.overwrite, log=_log)
-    print("\n".join(ranked_table(report)))
-    print(f"\nWinner: {report.winner} -> {report.final_saved_model_path}"
+        finetune_data=getattr(args, "train_data", None), runs=runs, warmup=warmup,
+        overwrite=args.overwrite, log=_log, generation=generation)
+    print("\n".join(report.table_lines() if causal else ranked_table(report)))
+    print(f"\n{'saved_model' if causal else 'Winner'}: {report.winner} -> {report.final_saved_model_path}"
           + (f"; fastest of any format: {report.fastest_artifact} -> {report.out_dir}/{report.fastest_artifact_path}"
              if report.fastest_artifact != report.winner else "")
           + f". Report: {report.out_dir}/report.md")
@@ -268,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how to load a preset folder (default: backbone)")
         sp.add_argument("--num-classes", type=int, help="classes, for --task classification")
         sp.add_argument("--shape", action="append", metavar="BATCHxSEQ",
-                        help="measure at this batch x sequence length; repeatable (default 1x128)")
+                        help="measure at this batch x sequence length; repeatable (default 1x128). --auto on a causal "
+                             "LM: BATCHxPROMPT+NEW whole generations, e.g. 1x32+64 (the default) and 8x32+64")
         sp.add_argument("--runs", type=int, default=20, help="timed runs per shape (default 20)")
         sp.add_argument("--warmup", type=int, default=3, help="warm-up runs per shape (default 3)")
 
@@ -305,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--auto: accuracy points the result may lose on the labelled eval data (default 1.0)")
     o.add_argument("--formats", choices=["savedmodel", "all"],
                    help="--auto: SavedModel candidates only (default), or also OpenVINO/ONNX/LiteRT/TensorRT side artifacts")
+    o.add_argument("--max-perplexity-ratio", type=float, metavar="RATIO",
+                   help="--auto on a causal LM: the largest perplexity ratio to the Keras model on held-out text "
+                        "(default 1.01)")
+    o.add_argument("--max-kl", type=float, metavar="NATS",
+                   help="--auto on a causal LM: the largest mean KL divergence of the next-token distributions on "
+                        "held-out text (default 0.01)")
     o.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="--auto: seconds for the whole search (default 540; 'inf': no limit); candidates that "
                         "would not fit are not tried, and the report says so")

@@ -84,8 +84,8 @@ def quality_budget(max_perplexity_ratio="default", max_kl="default", min_same_to
         max_perplexity_ratio=DEFAULT_MAX_PERPLEXITY_RATIO if max_perplexity_ratio == "default" else max_perplexity_ratio,
         max_kl=DEFAULT_MAX_KL if max_kl == "default" else max_kl, min_same_top=min_same_top)
     windows = DEFAULT_EVAL_WINDOWS if windows is None else windows
-    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
-        raise ValueError(f"quality_windows must be an int >= 1. Received: quality_windows={windows!r}")
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 0:
+        raise ValueError(f"quality_windows must be an int >= 0 (0: not measured). Received: quality_windows={windows!r}")
     return budget, windows
 
 
@@ -229,12 +229,12 @@ def validate_quality(ctx, candidate, budget: QualityBudget, step_name: str, *, w
         candidate: the artifact's generator (or ``ids -> logits``).
         budget: the :class:`QualityBudget` to hold.
         step_name: named in the error, with the options that loosen the budget.
-        windows: how many held-out windows to score.
+        windows: how many held-out windows to score (0: none, nothing measured).
         what: how the artifact is named in the note.
         through: how its logits were computed, for the note.
 
     Returns:
-        The measures, or None when the source has no held-out text (nothing to measure on).
+        The measures, or None when the source has no held-out text (or ``windows`` is 0).
 
     Raises:
         StepError: a budget is exceeded (the message names the figure, the bound and the option).
@@ -242,7 +242,7 @@ def validate_quality(ctx, candidate, budget: QualityBudget, step_name: str, *, w
     from tfaccel.errors import StepError
     from tfaccel.generation.eval_text import eval_windows
 
-    ids = eval_windows(ctx.source, windows)
+    ids = eval_windows(ctx.source, windows) if windows else None
     if ids is None:
         return None
     measures = quality_measures(ctx.source.model, candidate, ids, vocabulary_size=ctx.source.vocab_size)
