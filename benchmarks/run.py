@@ -238,6 +238,8 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
             else:
                 row["token_agreement"] = float(np.mean(ids == reference_ids))
             row.update(first_call_s=first, info=gen.info)
+            if spec is w.generation:  # quality and memory do not depend on the batch: measured once per row
+                _quality_and_memory(row, gen, ctx, w, spec, prompt)
             agree = row.get("token_agreement")
             log(f"   ready (first call {first:.1f}s)" + (f", {agree:.1%} of new tokens as the first row"
                                                          if agree is not None else ""))
@@ -286,6 +288,38 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
         if r["status"] == "ok" and base:
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
     return out
+
+
+def _quality_and_memory(row: dict[str, Any], gen, ctx, w: wl.Workload, spec: wl.GenerationSpec, prompt) -> None:
+    """A generation row's next-token cosine with the Keras model (on keras-hub's own tokens after the bench
+    prompt), its perplexity ratio / KL / same top token on the source's held-out windows when it has any (through
+    the artifact's decode steps), and RSS after load / peak RSS during one generation in a fresh process."""
+    from tfaccel.generation.agreement import decoder_agreement
+    from tfaccel.generation.eval_text import eval_windows
+    from tfaccel.generation.memory import generation_memory
+    from tfaccel.generation.quality import DEFAULT_EVAL_WINDOWS, quality_measures
+
+    model = ctx.source.model
+    try:
+        if gen.scorer is not None and gen.scorer is not model:
+            ids, mask = prompt["token_ids"].astype(np.int32), prompt["padding_mask"].astype(np.int32)
+            row["next_token_cosine_min"] = decoder_agreement(model, gen.scorer, ids, mask, spec.new_tokens)[
+                "next_token_cosine_min"]
+        windows = eval_windows(ctx.source, DEFAULT_EVAL_WINDOWS)
+        if gen.scorer is not None and windows is not None:
+            row["quality"] = quality_measures(model, gen.scorer, windows)
+            log(f"   quality: perplexity ratio {row['quality']['perplexity_ratio']:.5f}, KL "
+                f"{row['quality']['kl_divergence']:.3g}, same top {row['quality']['same_top']:.2%}")
+    except Exception as exc:  # a row's quality failing leaves its speed standing
+        row["notes"].append(f"quality not measured: {_error_text(exc)}")
+    try:
+        mem = generation_memory(gen.artifact or w.source, keras_hub_example=gen.artifact is None, batch=spec.batch,
+                                prompt_tokens=spec.prompt_tokens, new_tokens=spec.new_tokens,
+                                vocabulary_size=ctx.source.vocab_size or 1000)
+        row.update(load_rss_mb=mem["load_rss_mb"], fresh_peak_rss_mb=mem["peak_rss_mb"])
+        log(f"   fresh process: RSS after load {mem['load_rss_mb']:.0f} MB, peak {mem['peak_rss_mb']:.0f} MB")
+    except Exception as exc:
+        row["notes"].append(f"memory not measured: {_error_text(exc)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,30 +409,41 @@ def to_markdown(results: dict[str, Any]) -> str:
         notes += [f"{r['name']} ({' -> '.join(r['steps'])}): {n}" for r in w["rows"] for n in r["notes"]]
         notes += [f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r["runner_stats"].items())
                   for r in w["rows"] if r.get("runner_stats")]
+        first_rows = {r["name"]: r for r in (w.get("generation") or {}).get("rows", [])}
         for g in [w.get("generation"), *(w.get("more_generation") or [])]:
             if not g:
                 continue
             lines += ["", f"Greedy generation, batch {g['batch']}, {g['prompt_tokens']} prompt tokens + "
                           f"{g['new_tokens']} new tokens (tokens/s = new tokens / wall time, after one warm-up call; rows "
                           "timed interleaved, one generation each in turn; same tokens = share of new tokens equal to "
-                          "the first row's; peak RSS: this process, up to the row's warm-up):",
-                      "", "| row | tokens/s | ms/token | wall p50 s | wall p95 s | runs | speed-up | same tokens "
-                          "| peak RSS MB | load average |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                          "the first row's; next-token cosine: lowest cosine of the row's next-token logits with the "
+                          "Keras model's on keras-hub's tokens after the prompt; perplexity ratio / KL / same top: on the "
+                          "source's held-out windows, teacher-forced through the row's decode steps; memory: a fresh "
+                          "process loading the artifact (RSS after load) and generating once at batch 1 (peak)):",
+                      "", "| row | tokens/s | ms/token | wall p50 s | runs | speed-up | same tokens | next-token cosine "
+                          "| perplexity ratio | KL | same top | size MB | RSS after load MB | peak RSS MB | load average |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in g["rows"]:
                 if r["status"] == "n/a":
-                    notes.append(f"{r['name']}: not applicable: {r['error']}")
+                    if g is w.get("generation"):
+                        notes.append(f"{r['name']}: not applicable: {r['error']}")
                     continue
                 if r["status"] != "ok":
-                    lines.append(f"| {r['name']} | failed: {_cell(r['error'])} | | | | | | | | |")
+                    lines.append(f"| {r['name']} | failed: {_cell(r['error'])} |" + " |" * 13)
                     continue
                 agree = r.get("token_agreement")
+                f = first_rows.get(r["name"], r)  # quality and memory were measured with the first generation
+                q = f.get("quality") or {}
                 lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.1f} | "
-                             f"{r['wall_p50_s']:.2f} | {r['wall_p95_s']:.2f} | {r['runs']} | "
+                             f"{r['wall_p50_s']:.2f} | {r['runs']} | "
                              f"{_fmt(r.get('speedup'), '.2f')}x | {'' if agree is None else f'{agree:.1%}'} | "
-                             f"{_fmt(r.get('peak_rss_mb'), '.0f')} | "
+                             f"{_fmt(f.get('next_token_cosine_min'), '.5f')} | "
+                             f"{_fmt(q.get('perplexity_ratio'), '.5f')} | {_fmt(q.get('kl_divergence'), '.2e')} | "
+                             f"{'' if 'same_top' not in q else format(q['same_top'], '.2%')} | "
+                             f"{_fmt((r.get('info') or {}).get('size_mb'), '.1f')} | "
+                             f"{_fmt(f.get('load_rss_mb'), '.0f')} | {_fmt(f.get('fresh_peak_rss_mb'), '.0f')} | "
                              f"{r['load_average_before']} -> {r['load_average_after']} |")
-                notes += [f"{r['name']}: {n}" for n in r.get("notes", [])]
+                notes += [f"{r['name']}: {n}" for n in r.get("notes", []) if g is w.get("generation")]
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
     lines += ["", f"Total time {results['total_seconds'] / 60:.1f} min.", ""]
@@ -410,7 +455,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for results.json and results.md (created)")
     p.add_argument("--workloads", default=None,
-                   help="comma-separated subset of: bert-base, minilm-bbc, gpt2-small, gpt2-bbc (default: all)")
+                   help="comma-separated subset of: bert-base, minilm-bbc, gpt2-small, gpt2-bbc, llama-small "
+                        "(default: all)")
     p.add_argument("--rows", default=None,
                    help="comma-separated row names to run (model.export is always included; default: all)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per row and shape (default 20; quick: 3)")

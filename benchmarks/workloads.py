@@ -519,11 +519,15 @@ class GenerationSpec:
 @dataclasses.dataclass
 class Generator:
     """One prepared way to generate: ``run()`` does a whole generation; ``new_token_ids(result)`` gives
-    the generated ids, shape (batch, new_tokens), so rows can be checked against each other."""
+    the generated ids, shape (batch, new_tokens), so rows can be checked against each other. ``artifact`` (a
+    generation artifact's path) and ``scorer`` (what :func:`tfaccel.generation.quality.quality_measures` takes)
+    let the bench measure its quality and its memory in a fresh process."""
 
     run: Callable[[], Any]
     new_token_ids: Callable[[Any], np.ndarray]
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    artifact: str | None = None
+    scorer: Any = None
 
 
 @dataclasses.dataclass
@@ -553,7 +557,8 @@ def keras_hub_generate(ctx: BuildContext, spec: GenerationSpec, prompt: dict[str
                                  f"expected {spec.batch * spec.new_tokens}")
         return np.asarray(out["token_ids"])[:, p:]
 
-    return Generator(run=run, new_token_ids=new_ids, info={"jit_compile": getattr(model, "jit_compile", None)})
+    return Generator(run=run, new_token_ids=new_ids, info={"jit_compile": getattr(model, "jit_compile", None)},
+                     scorer=model)
 
 
 def signature_generate(signature: str = "generate_greedy", chain: tuple[str, ...] = ("generate",)):
@@ -587,9 +592,10 @@ def signature_generate(signature: str = "generate_greedy", chain: tuple[str, ...
     return prepare
 
 
-def runner_generate(chain: tuple[str, ...], **generator_options):
+def runner_generate(chain: tuple[str, ...], options: dict[str, dict[str, Any]] | None = None, **generator_options):
     """Greedy generation through ``tfaccel.generation`` (what ``tfaccel generate`` runs) on the artifact
     the tfaccel steps ``chain`` make: the generate SavedModel, an ONNX decoder or a TensorRT decoder.
+    ``options`` are this row's step options (step name -> options, over the workload's);
     ``generator_options`` go to the generator (e.g. ``intra_op_threads=1`` for an ONNX decoder)."""
 
     def prepare(ctx: BuildContext, spec: GenerationSpec, prompt: dict[str, np.ndarray]) -> Generator:
@@ -599,7 +605,14 @@ def runner_generate(chain: tuple[str, ...], **generator_options):
         reason = not_applicable_reason(chain, ctx)
         if reason:
             raise NotApplicable(reason)
-        artifact, _ = build_chain(tuple(chain), ctx)
+        if options:
+            merged = {**ctx.step_options, **{k: {**ctx.step_options.get(k, {}), **v} for k, v in options.items()}}
+            label = "+".join(f"{n}({','.join(f'{k}={v}' for k, v in sorted(options.get(n, {}).items()))})"
+                             if n in options else n for n in chain)
+            built = ctx.builder.build(label, [make_step(n, merged) for n in chain])
+            artifact = built.artifact
+        else:
+            artifact, _ = build_chain(tuple(chain), ctx)
         gen = load_generator(artifact.path, **generator_options)
         ids = prompt["token_ids"].astype(np.int32)
         mask = prompt["padding_mask"].astype(np.int32)
@@ -616,32 +629,51 @@ def runner_generate(chain: tuple[str, ...], **generator_options):
         info = {"artifact": gen.kind, "size_mb": round(dir_size(artifact.path) / 2**20, 1),
                 **getattr(gen, "threading", {})}
         info.update({k: v for k, v in getattr(gen, "info", {}).items()
-                     if k in ("quantization", "block_size", "per_channel", "reduce_range", "matmuls_quantized")})
-        return Generator(run=run, new_token_ids=new_ids, info=info)
+                     if k in ("quantization", "method", "block_size", "head_bits", "graph", "per_channel",
+                              "reduce_range", "matmuls_quantized", "already_quantized", "tied_embedding")})
+        return Generator(run=run, new_token_ids=new_ids, info=info, artifact=str(artifact.path), scorer=gen)
 
     return prepare
 
 
 def default_generation_rows() -> list[GenerationRow]:
+    d, i8, i4 = "onnx-decoder", "ort-decoder-int8", "ort-decoder-int4"
     return [
         GenerationRow(name="keras-hub generate (greedy)", group="baseline", prepare=keras_hub_generate),
         GenerationRow(name="tfaccel generate: generate_greedy signature", group="tfaccel",
                       prepare=runner_generate(("generate",)), steps=("generate",)),
         GenerationRow(name="tfaccel onnx-decoder: onnxruntime fp32, KV cache", group="tfaccel",
-                      prepare=runner_generate(("onnx-decoder",)), steps=("onnx-decoder",)),
-        GenerationRow(name="tfaccel ort-decoder-int8: onnxruntime dynamic int8, KV cache", group="tfaccel",
-                      prepare=runner_generate(("onnx-decoder", "ort-decoder-int8")),
-                      steps=("onnx-decoder", "ort-decoder-int8")),
-        # the same int8 decoder on one onnxruntime thread: faster than two when other work loads the cores
-        GenerationRow(name="tfaccel ort-decoder-int8, 1 onnxruntime thread", group="tfaccel",
-                      prepare=runner_generate(("onnx-decoder", "ort-decoder-int8"), intra_op_threads=1),
-                      steps=("onnx-decoder", "ort-decoder-int8")),
-        GenerationRow(name="tfaccel ort-decoder-int4: MatMulNBits int4 weights, KV cache", group="tfaccel",
-                      prepare=runner_generate(("onnx-decoder", "ort-decoder-int4")),
-                      steps=("onnx-decoder", "ort-decoder-int4")),
+                      prepare=runner_generate((d,)), steps=(d,)),
+        GenerationRow(name="tfaccel ort-decoder-int8: 8-bit weight blocks of 64 (MatMulNBits)", group="tfaccel",
+                      prepare=runner_generate((d, i8)), steps=(d, i8)),
+        GenerationRow(name="tfaccel ort-decoder-int8 method=dynamic (MatMulInteger)", group="tfaccel",
+                      prepare=runner_generate((d, i8), {i8: {"method": "dynamic"}}), steps=(d, i8)),
+        GenerationRow(name="tfaccel ort-decoder-int4: 4-bit blocks of 32, 8-bit LM head", group="tfaccel",
+                      prepare=runner_generate((d, i4)), steps=(d, i4)),
+        GenerationRow(name="tfaccel ort-decoder-int4 head_bits=4: every weight 4-bit", group="tfaccel",
+                      prepare=runner_generate((d, i4), {i4: {"head_bits": 4}}), steps=(d, i4)),
+        # GPTQ / AWQ calibrate on text: rows are n/a on a source without any (random-weight examples)
+        GenerationRow(name="tfaccel gptq + ort-decoder-int8: Keras GPTQ 4-bit, 8-bit LM head", group="tfaccel",
+                      prepare=runner_generate(("gptq", d, i8), {i8: {"block_size": 32}}), steps=("gptq", d, i8)),
+        GenerationRow(name="tfaccel awq + ort-decoder-int8: Keras AWQ 4-bit, 8-bit LM head", group="tfaccel",
+                      prepare=runner_generate(("awq", d, i8), {i8: {"block_size": 32}}), steps=("awq", d, i8)),
         GenerationRow(name="tfaccel tensorrt-decoder: TensorRT fp16, KV cache", group="tfaccel",
-                      prepare=runner_generate(("onnx-decoder", "tensorrt-decoder")),
-                      steps=("onnx-decoder", "tensorrt-decoder")),
+                      prepare=runner_generate((d, "tensorrt-decoder"), {d: {"graph": "keras-layers"}}),
+                      steps=(d, "tensorrt-decoder")),
+    ]
+
+
+def llama_generation_rows() -> list[GenerationRow]:
+    """The native Llama decoder graph against the one traced through keras-hub's layers."""
+    d = "onnx-decoder"
+    return [
+        GenerationRow(name="keras-hub generate (greedy)", group="baseline", prepare=keras_hub_generate),
+        GenerationRow(name="tfaccel onnx-decoder: native graph, fp32", group="tfaccel",
+                      prepare=runner_generate((d,)), steps=(d,)),
+        GenerationRow(name="tfaccel onnx-decoder graph=keras-layers: traced through keras-hub, fp32", group="tfaccel",
+                      prepare=runner_generate((d,), {d: {"graph": "keras-layers"}}), steps=(d,)),
+        GenerationRow(name="tfaccel ort-decoder-int8 on the native graph", group="tfaccel",
+                      prepare=runner_generate((d, "ort-decoder-int8")), steps=(d, "ort-decoder-int8")),
     ]
 
 
@@ -707,9 +739,14 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
         "gpt2-small": Workload("gpt2-small", "gpt2-small", [(1, 128)], generation=GenerationSpec(32, 64),
                                more_generation=[GenerationSpec(32, 64, batch=8)],
                                note="GPT-2 small architecture (124M), random weights"),
-        # Token agreement of the quantized decoders on a model whose next-token choices are not near ties.
+        # Quality of the quantized decoders on a model whose next-token choices are not near ties.
         "gpt2-bbc": Workload("gpt2-bbc", "gpt2-bbc", [(1, 128)], generation=GenerationSpec(32, 64),
                              more_generation=[GenerationSpec(32, 64, batch=8)], real_prompts=True,
                              note="GPT-2 (4 layers, hidden 256) trained here on BBC News; prompts are the first 32 "
-                                  "tokens of held-out articles"),
+                                  "tokens of held-out articles; perplexity ratio, KL and same top token on 32 "
+                                  "held-out windows (32 x 127 next tokens)"),
+        "llama-small": Workload("llama-small", "llama-small", [(1, 128)], generation=GenerationSpec(32, 64),
+                                rows=[], generation_rows=llama_generation_rows(),
+                                note="Llama architecture of gpt2-small's size (12 layers, hidden 768, 4 KV heads), "
+                                     "random weights: the native decoder graph against the traced one"),
     }

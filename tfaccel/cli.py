@@ -4,6 +4,7 @@
     tfaccel steps
     tfaccel optimize MODEL --steps export,onnx --out DIR [--shape 1x128 ...]
     tfaccel optimize MODEL --auto [--max-accuracy-drop 1.0] [--formats savedmodel|all] [--time-budget S] --out DIR
+    tfaccel optimize CAUSAL_LM --auto [--shape 1x32+64] [--max-perplexity-ratio 1.01] [--max-kl 0.01] --out DIR
     tfaccel bench MODEL_OR_ARTIFACT [--shape 1x128 ...]
     tfaccel serve-check SAVED_MODEL_DIR
     tfaccel generate ARTIFACT --prompt-ids 1,2,3 [--max-new-tokens N] [--stop-token-id T] [--threads N]
@@ -153,8 +154,8 @@ def _parse_step_options(values):
     return out
 
 
-#: Steps whose int8 calibration reads --calibration-data.
-_CALIBRATING_STEPS = ("tftrt", "tensorrt", "ov-int8")
+#: Steps whose calibration reads --calibration-data (int8 engines; GPTQ / AWQ on a causal LM's text).
+_CALIBRATING_STEPS = ("tftrt", "tensorrt", "ov-int8", "gptq", "awq")
 
 
 def _data_options(args, names: list[str], options: dict[str, dict]) -> str | None:
@@ -185,7 +186,8 @@ def _data_options(args, names: list[str], options: dict[str, dict]) -> str | Non
     return args.eval_data or args.eval_texts
 
 
-_AUTO_ONLY = {"max_accuracy_drop": "--max-accuracy-drop", "formats": "--formats", "time_budget": "--time-budget"}
+_AUTO_ONLY = {"max_accuracy_drop": "--max-accuracy-drop", "formats": "--formats", "time_budget": "--time-budget",
+              "max_perplexity_ratio": "--max-perplexity-ratio", "max_kl": "--max-kl"}
 
 
 def _check_optimize_args(args) -> None:
@@ -200,6 +202,8 @@ def _check_optimize_args(args) -> None:
         _check_count(args, "--warmup", 1, " (the first call traces and compiles)")
         _check_number(args, "--max-accuracy-drop")
         _check_number(args, "--time-budget", allow_inf=True)
+        _check_number(args, "--max-perplexity-ratio")
+        _check_number(args, "--max-kl")
     else:
         _require(args.steps is not None, "optimize needs --steps STEP,STEP,... (e.g. --steps export,onnx) or --auto.")
         _require(any(s.strip() for s in args.steps.split(",")), "--steps is empty; name at least one step, e.g. "
@@ -210,7 +214,13 @@ def _check_optimize_args(args) -> None:
         _check_count(args, "--runs", 1)
         _check_count(args, "--warmup", 0)
     _check_count(args, "--num-classes", 1)
-    _parse_shapes(args.shape)
+    if args.auto and any("+" in v for v in (args.shape or [])):  # a causal LM's generations: BATCHxPROMPT+NEW
+        from tfaccel.auto.generation_search import parse_generation_shape
+
+        for v in args.shape:
+            parse_generation_shape(v)
+    else:
+        _parse_shapes(args.shape)
     _check_files_exist(args)
     _check_out(args)
 
@@ -229,14 +239,29 @@ def cmd_optimize_auto(args) -> int:
     source = load_source(args.model, task=args.task, num_classes=args.num_classes, sample_inputs=args.inputs,
                          progress=_log, **kwargs)
     budget = DEFAULT_TIME_BUDGET_S if args.time_budget is None else args.time_budget
+    causal = source.task == "causal_lm" and source.kind == "keras"
+    if causal:  # generation: BATCHxPROMPT+NEW shapes, a budget on held-out text
+        from tfaccel.auto.generation_search import parse_generation_shape
+
+        _require(args.max_accuracy_drop is None, "--max-accuracy-drop judges classifiers; a causal LM's --auto "
+                                                 "budget is --max-perplexity-ratio / --max-kl on held-out text.")
+        shapes = [parse_generation_shape(v) for v in (args.shape or [])] or None
+        generation = {k: v for k, v in (("max_perplexity_ratio", args.max_perplexity_ratio),
+                                        ("max_kl", args.max_kl)) if v is not None}
+        runs, warmup = min(args.runs, 5), min(args.warmup, 1)  # whole generations
+    else:
+        _require(args.max_perplexity_ratio is None and args.max_kl is None,
+                 "--max-perplexity-ratio / --max-kl judge a causal LM's generation on held-out text; "
+                 f"{source.name} is a {source.task} model (see --max-accuracy-drop).")
+        shapes, generation, runs, warmup = _parse_shapes(args.shape) or None, None, args.runs, args.warmup
     report = optimize_auto(
-        source, args.out, shapes=_parse_shapes(args.shape) or None, formats=args.formats or "savedmodel",
+        source, args.out, shapes=shapes, formats=args.formats,
         max_accuracy_drop=1.0 if args.max_accuracy_drop is None else args.max_accuracy_drop,
         time_budget_s=None if math.isinf(budget) else budget,
-        finetune_data=getattr(args, "train_data", None), runs=args.runs, warmup=args.warmup,
-        overwrite=args.overwrite, memory_check=not args.skip_memory_check, log=_log)
-    print("\n".join(ranked_table(report)))
-    print(f"\nWinner: {report.winner} -> {report.final_saved_model_path}"
+        finetune_data=getattr(args, "train_data", None), runs=runs, warmup=warmup,
+        overwrite=args.overwrite, memory_check=not args.skip_memory_check, log=_log, generation=generation)
+    print("\n".join(report.table_lines() if causal else ranked_table(report)))
+    print(f"\n{'saved_model' if causal else 'Winner'}: {report.winner} -> {report.final_saved_model_path}"
           + (f"; fastest of any format: {report.fastest_artifact} -> {report.out_dir}/{report.fastest_artifact_path}"
              if report.fastest_artifact != report.winner else "")
           + f". Report: {report.out_dir}/report.md")
@@ -385,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how to load a preset folder (default: backbone)")
         sp.add_argument("--num-classes", type=int, help="classes, for --task classification")
         sp.add_argument("--shape", action="append", metavar="BATCHxSEQ",
-                        help="measure at this batch x sequence length; repeatable (default 1x128)")
+                        help="measure at this batch x sequence length; repeatable (default 1x128). --auto on a causal "
+                             "LM: BATCHxPROMPT+NEW whole generations, e.g. 1x32+64 (the default) and 8x32+64")
         sp.add_argument("--runs", type=int, default=20, help="timed runs per shape (default 20)")
         sp.add_argument("--warmup", type=int, default=3, help="warm-up runs per shape (default 3)")
         sp.add_argument("--skip-memory-check", action="store_true",
@@ -409,11 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eval-data", metavar="FILE.npz",
                    help="your labelled eval data: one array per model input plus 'labels'; every stage's accuracy "
                         "is measured on it and each step's accuracy budget applies")
-    o.add_argument("--eval-texts", metavar="FILE.csv|FILE.jsonl",
-                   help="your labelled texts ('text', 'label'), tokenized with the model's tokenizer (preset / "
-                        "Hugging Face folder); used like --eval-data")
+    o.add_argument("--eval-texts", metavar="FILE",
+                   help="your labelled texts ('text', 'label' in .csv / .jsonl), tokenized with the model's tokenizer "
+                        "(preset / Hugging Face folder); used like --eval-data. For a causal LM: held-out text "
+                        "(.txt, .jsonl / .csv with 'text') that generation steps measure perplexity and KL on")
     o.add_argument("--calibration-data", metavar="FILE",
-                   help="int8 calibration data for tftrt / tensorrt / ov-int8 (.npz of inputs, or .csv / .jsonl texts)")
+                   help="int8 calibration data for tftrt / tensorrt / ov-int8 (.npz of inputs, or .csv / .jsonl "
+                        "texts); for a causal LM, gptq / awq calibration text (.txt / .jsonl / .csv, or .npz of "
+                        "token_ids)")
     o.add_argument("--train-data", metavar="FILE",
                    help="prune-structured's fine-tuning data (.npz of inputs with optional 'labels', or texts)")
     o.add_argument("--no-measure", action="store_true", help="validate only, skip latency measurement")
@@ -424,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--auto: accuracy points the result may lose on the labelled eval data (default 1.0)")
     o.add_argument("--formats", choices=["savedmodel", "all"],
                    help="--auto: SavedModel candidates only (default), or also OpenVINO/ONNX/LiteRT/TensorRT side artifacts")
+    o.add_argument("--max-perplexity-ratio", type=float, metavar="RATIO",
+                   help="--auto on a causal LM: the largest perplexity ratio to the Keras model on held-out text "
+                        "(default 1.01)")
+    o.add_argument("--max-kl", type=float, metavar="NATS",
+                   help="--auto on a causal LM: the largest mean KL divergence of the next-token distributions on "
+                        "held-out text (default 0.01)")
     o.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="--auto: seconds for the whole search (default 540; 'inf': no limit); candidates that "
                         "would not fit are not tried, and the report says so")

@@ -212,6 +212,25 @@ def tf_tensorrt_enabled() -> tuple[bool, str]:
     )
 
 
+@functools.cache
+def keras_quantization_calibration_hooks_dead() -> bool:
+    """Whether this Keras's GPTQ / AWQ calibration never sees an activation (keras-team/keras#23512, in Keras
+    3.12-3.15): its hooks (``gptq_core.stream_hessians``, ``awq_core.stream_activations``) patch ``layer.call``,
+    while a layer with a quantized dtype policy runs ``layer.quantized_call``. Read from Keras's own source:
+    hooks that never mention ``quantized_call`` are the dead ones."""
+    import inspect
+
+    try:
+        from keras.src.quantizers import awq_core, gptq_core
+    except ImportError:  # a Keras without GPTQ / AWQ: nothing to patch
+        return False
+    try:
+        sources = inspect.getsource(gptq_core.stream_hessians) + inspect.getsource(awq_core.stream_activations)
+    except (AttributeError, OSError, TypeError):  # restructured upstream: the hooks are not these functions
+        return False
+    return "quantized_call" not in sources
+
+
 def parent_death_signal_supported() -> bool:
     """Whether a child process can ask the kernel to signal it when its parent dies (Linux ``prctl``
     ``PR_SET_PDEATHSIG``): the local training launcher uses it so workers never outlive it."""

@@ -129,7 +129,11 @@ def load_source(
         progress: callable taking a message, for long work (building an example).
         eval_data: your labelled eval data (``.npz`` of inputs plus ``labels``, or a ``.csv`` /
             ``.jsonl`` of texts): every stage's accuracy is measured on it (:meth:`ModelSource.with_eval_data`).
-        calibration_data: your int8 calibration data (:meth:`ModelSource.with_calibration_data`).
+            For a causal LM: held-out text (``.txt``, ``.jsonl``, ``.csv``, or an ``.npz`` of ``token_ids``
+            windows) that generation steps measure perplexity and KL divergence on
+            (:func:`tfaccel.generation.eval_text.with_eval_texts`).
+        calibration_data: your int8 calibration data (:meth:`ModelSource.with_calibration_data`); for a causal
+            LM, GPTQ / AWQ calibration text in the same formats as its eval text.
 
     Returns:
         A :class:`ModelSource`.
@@ -180,6 +184,15 @@ def load_source(
         if isinstance(sample_inputs, (str, os.PathLike)):
             sample_inputs = load_sample_inputs(sample_inputs)
         src = src.with_sample_inputs(sample_inputs)
+    if src.task == "causal_lm" and (eval_data is not None or calibration_data is not None):
+        # a language model's data is held-out text (perplexity, KL; GPTQ / AWQ calibration), not labels
+        from tfaccel.generation.eval_text import with_calibration_texts, with_eval_texts
+
+        if eval_data is not None:
+            src = with_eval_texts(src, eval_data)
+        if calibration_data is not None:
+            src = with_calibration_texts(src, calibration_data)
+        return src
     if eval_data is not None:
         src = src.with_eval_data(eval_data)
     if calibration_data is not None:

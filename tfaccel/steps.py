@@ -25,6 +25,7 @@ from tfaccel.openvino import OpenVINOInt8Step, OpenVINOStep
 from tfaccel.precision import MixedPrecisionStep
 from tfaccel.pruning.steps import StructuredPruneStep
 from tfaccel.quantization import Int4Step, Int8Step, LiteRTDynamicStep
+from tfaccel.quantization.gptq_awq import AwqStep, GptqStep
 from tfaccel.tensorrt import TensorRTStep, TftrtStep
 from tfaccel.xla import GenerateStep, XlaStep
 
@@ -41,6 +42,10 @@ def _table() -> dict[str, tuple[type, str]]:
                              "rebuild the keras-hub model, distill from the original"),
         "int8": (Int8Step, "Keras -> int8 SavedModel (Keras quantize; int8 products in an XLA-compiled serving function)"),
         "int4": (Int4Step, "Keras -> int4 weight-only SavedModel (Keras quantize; smallest, not faster)"),
+        "gptq": (GptqStep, "keras-hub CausalLM -> the same model with Keras GPTQ 4-bit transformer weights, "
+                 "calibrated on text (carried unchanged into onnx-decoder and generate)"),
+        "awq": (AwqStep, "keras-hub CausalLM -> the same model with Keras AWQ 4-bit transformer weights, calibrated "
+                "on text (carried unchanged into onnx-decoder and generate)"),
         "xla": (XlaStep, "Keras model -> SavedModel with an XLA-compiled serving_default (sequence buckets)"),
         "generate": (GenerateStep, "keras-hub CausalLM (every family) -> SavedModel with generate/generate_greedy: "
                      "the decode loop and KV cache inside the SavedModel"),
@@ -49,7 +54,8 @@ def _table() -> dict[str, tuple[type, str]]:
         "tensorrt": (TensorRTStep, "ONNX -> TensorRT engine, fp32/fp16/int8 (`trt` extra + NVIDIA GPU; side artifact)"),
         "ort-int8": (OrtInt8Step, "ONNX -> onnxruntime dynamic int8 ONNX (side artifact)"),
         "onnx-decoder": (OnnxDecoderStep, "causal LM -> ONNX KV-cache decoder (past/present inputs; side artifact)"),
-        "ort-decoder-int8": (OrtDecoderInt8Step, "ONNX decoder -> onnxruntime dynamic int8 decoder (side artifact)"),
+        "ort-decoder-int8": (OrtDecoderInt8Step, "ONNX decoder -> int8 decoder: 8-bit weight blocks in MatMulNBits "
+                             "(method=dynamic: onnxruntime dynamic int8) (side artifact)"),
         "ort-decoder-int4": (OrtDecoderInt4Step, "ONNX decoder -> int4 weight-only MatMulNBits decoder (side artifact)"),
         "tensorrt-decoder": (TensorRTDecoderStep, "ONNX decoder -> TensorRT fp16 decoder engine (`trt` extra + NVIDIA "
                              "GPU; side artifact)"),

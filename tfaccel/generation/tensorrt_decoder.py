@@ -100,6 +100,10 @@ def build_decoder_engine(src_folder: str | os.PathLike, dst_folder: str | os.Pat
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32' for a decoder engine. Received: precision={precision!r}")
     layout, info = read_layout(src_folder)
+    if layout.cache != "stacked":
+        raise StepError("TensorRT cannot parse the native decoder graph (onnxruntime's contrib operators: "
+                        "GroupQueryAttention, MatMulNBits, ...). Build the ONNX decoder from keras-hub's layers: "
+                        "--set onnx-decoder.graph=keras-layers.")
     if layout.max_length is not None:
         max_length = min(max_length, layout.max_length)
     max_prompt = min(max_prompt, max_length)

@@ -1,22 +1,24 @@
 """keras-hub CausalLM -> ONNX decoder with an explicit KV cache: one merged graph for prefill and decode.
 
-The graph is one decode step written as a ``tf.function``, exported as a SavedModel into a temporary
-folder and converted with tf2onnx (:func:`convert_saved_model`). Two ways to write the step
-(``export_decoder(graph=...)``):
+Two ways to write the decode step (``export_decoder(graph=...)``):
 
-- ``gpt2-native`` (GPT-2, chosen by default where :func:`native_gpt2_refusal` allows): the step in plain
-  TensorFlow ops on the model's weights (:func:`make_gpt2_native_step`). gpt2-small: 729 ONNX nodes instead
-  of 2,315, exported in 40 s / 4 GB instead of 150 s / 11 GB, and 1.4x the tokens/s of the traced graph at
-  batch 1 (28.9 vs 20.5 tok/s, the same tokens; Intel Xeon, 2 cores, 2026-12-01).
-- ``keras-layers`` (every supported family): the step traced through the model's own keras-hub layers.
+- ``native`` (GPT-2 and the Llama class: Llama, Llama 3, Mistral, Qwen; the default where
+  :func:`tfaccel.onnx.decoder_graph.native_refusal` allows): the step written directly as an ONNX graph from
+  the model's weights with onnxruntime's fused attention (``GroupQueryAttention``), layer norms and rotary
+  embedding (:mod:`tfaccel.onnx.decoder_graph`). gpt2-small: 200 nodes, written in seconds without TensorFlow
+  or tf2onnx; the tied embedding stored once.
+- ``keras-layers`` (every supported family): the step traced through the model's own keras-hub layers as a
+  ``tf.function``, exported as a SavedModel into a temporary folder and converted with tf2onnx
+  (:func:`convert_saved_model`): ~2,300 nodes for gpt2-small, plain ONNX ops (what TensorRT parses).
 
-Both have the same inputs and outputs:
+Inputs and outputs (``decoder.json`` says which cache layout, ``"cache"``):
 
     inputs   input_ids        int32 [batch, new]              the new tokens (the prompt, or one token)
              attention_mask   int32 [batch, past + new]       1 on positions a token may attend to
-             past_{i}         float [batch, 2, past, kv_heads, head_dim]   layer i's keys and values so far
+             keras-layers:  past_{i}        float [batch, 2, past, kv_heads, head_dim]
+             native:        past_key_{i}, past_value_{i}   float [batch, kv_heads, past, head_dim]
     outputs  logits           float [batch, new, vocab]
-             present_{i}      float [batch, 2, past + new, kv_heads, head_dim]
+             present_{i} / present_key_{i}, present_value_{i}: the same with past + new positions
 
 Batch, ``new`` and ``past`` are dynamic. Prefill is the same graph with ``past = 0``. Positions start at
 ``past`` (right-padded prompts, as keras-hub's ``generate`` uses them). With the attention mask equal to
@@ -26,11 +28,11 @@ pipeline compares the decoder with the Keras model on its usual sample inputs.
 In the traced graph each layer's cache is the past with ``new`` empty slots appended; the keras-hub layer
 writes the new keys/values into them at index ``past`` (its own ``call_with_cache`` arithmetic, including
 rotary positions and grouped KV heads), so the decoder computes what keras-hub's ``generate`` computes.
-The native graph appends the new keys/values to the past (one Concat per layer) and computes the same
-arithmetic; tests check both token for token against keras-hub's ``generate``.
+The native graph computes the same arithmetic with onnxruntime's kernels; tests check both token for token
+against keras-hub's ``generate``.
 
 The folder written holds ``decoder.onnx`` and ``decoder.json`` (the layout: layers, KV heads, head size,
-vocabulary, maximum length, dtype, and which ``graph``), which the generation runner
+vocabulary, maximum length, dtype, cache layout, and which ``graph``), which the generation runner
 (:mod:`tfaccel.generation`) reads.
 """
 
@@ -74,6 +76,9 @@ class DecoderLayout:
         vocabulary_size: logits width; prompt ids must be in ``[0, vocabulary_size)``.
         max_length: the model's longest sequence (prompt + new tokens), None if unbounded (rotary).
         dtype: the cache dtype (``float32``, or ``float16`` for an fp16 graph).
+        cache: ``"stacked"``: one ``past_{i}`` ``[batch, 2, past, kv_heads, head_dim]`` per layer (the graphs
+            traced from TensorFlow); ``"bnsh"``: ``past_key_{i}`` and ``past_value_{i}``
+            ``[batch, kv_heads, past, head_dim]`` (the native graphs of :mod:`tfaccel.onnx.decoder_graph`).
     """
 
     family: str
@@ -83,12 +88,26 @@ class DecoderLayout:
     vocabulary_size: int
     max_length: int | None
     dtype: str = "float32"
+    cache: str = "stacked"
 
     def past_names(self) -> list[str]:
+        if self.cache == "bnsh":
+            return [f"past_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
         return [f"past_{i}" for i in range(self.num_layers)]
 
     def present_names(self) -> list[str]:
-        return [f"present_{i}" for i in range(self.num_layers)]
+        return [n.replace("past_", "present_", 1) for n in self.past_names()]
+
+    def past_shape(self, batch: int, length: int = 0) -> tuple[int, ...]:
+        """The shape of each past tensor for ``batch`` rows and ``length`` positions."""
+        if self.cache == "bnsh":
+            return (batch, self.num_kv_heads, length, self.head_dim)
+        return (batch, 2, length, self.num_kv_heads, self.head_dim)
+
+    @property
+    def past_axis(self) -> int:
+        """The axis of a past tensor that grows by one per decoded token."""
+        return 2
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": LAYOUT_FORMAT, **dataclasses.asdict(self)}
@@ -203,165 +222,6 @@ def make_decoder_step(causal_lm, external_embeddings: bool = False):
     return step, [sig]
 
 
-# --------------------------------------------------------------------------------------------------
-# GPT-2's decode step written with plain TensorFlow ops on the model's weights
-#
-# Traced through keras-hub's own layers, a gpt2-small decode step converts to ~2,300 ONNX nodes (tf2onnx's
-# shape arithmetic for every einsum, layer norm and mask), and onnxruntime spends about as long between
-# those nodes as in the weight MatMuls (profiled 2026-12-01: 2,098 nodes per step, MatMul + Gemm 64% of
-# kernel time). The same computation written here with shapes computed once per step is ~50 nodes a layer,
-# which onnxruntime fuses further (FastGelu; not LayerNormalization: tf2onnx writes the means as
-# GlobalAveragePool, which its LayerNorm fusion does not match). Every weight enters as an input and is
-# attached as an initializer after conversion, so each MatMul's B is an initializer the int8/int4 passes
-# quantize, and tf2onnx never holds a large constant.
-
-NATIVE_GPT2 = "gpt2-native"
-_LAYER_NORM_EPSILON = 1e-5
-
-
-def native_gpt2_refusal(causal_lm) -> str | None:
-    """Why :func:`make_gpt2_native_step` cannot express this model (None: it can).
-
-    It covers keras-hub's GPT2CausalLM as ``GPT2Backbone`` builds it: float32 weights and compute,
-    pre-norm decoder layers without cross-attention, tanh-approximate gelu, biases everywhere, no
-    quantized layers. Anything else keeps the generic trace through keras-hub's layers.
-    """
-    if type(causal_lm).__name__ != "GPT2CausalLM":
-        return f"{type(causal_lm).__name__} is not GPT2CausalLM"
-    bb = causal_lm.backbone
-    policy = getattr(bb, "dtype_policy", None)
-    if getattr(policy, "name", "float32") != "float32":
-        return f"dtype policy {getattr(policy, 'name', policy)} (the native graph is float32)"
-    for layer in bb.transformer_layers:
-        attn = layer._self_attention_layer
-        dense = (attn._query_dense, attn._key_dense, attn._value_dense, attn._output_dense,
-                 layer._feedforward_intermediate_dense, layer._feedforward_output_dense)
-        norms = (layer._self_attention_layer_norm, layer._feedforward_layer_norm)
-        if not layer.normalize_first or layer._cross_attention_layer is not None:
-            return f"{layer.name}: not a pre-norm self-attention decoder layer"
-        if any(getattr(d, "quantization_mode", None) for d in dense):
-            return f"{layer.name}: quantized layers"
-        if any(getattr(d, "bias", None) is None for d in dense):
-            return f"{layer.name}: a projection without bias"
-        if any(n.rms_scaling or not (n.center and n.scale) or abs(n.epsilon - _LAYER_NORM_EPSILON) > 1e-12
-               for n in norms):
-            return f"{layer.name}: a layer norm other than GPT-2's"
-        act = layer._feedforward_intermediate_dense.activation
-        if getattr(act, "__name__", "") != "gelu_approximate":
-            return f"{layer.name}: feed-forward activation {getattr(act, '__name__', act)}"
-    if bb.layer_norm.rms_scaling or abs(bb.layer_norm.epsilon - _LAYER_NORM_EPSILON) > 1e-12:
-        return "the final layer norm is not GPT-2's"
-    emb = bb.token_embedding
-    if getattr(emb, "logit_soft_cap", None) is not None or getattr(emb, "reverse_dtype", None) not in (None, "float32"):
-        return "the LM head is soft-capped or runs in another dtype"
-    return None
-
-
-def _gpt2_native_weights(causal_lm) -> dict[str, Any]:
-    """Every weight the native step reads, as float32 numpy arrays shaped for plain MatMuls."""
-    import numpy as np
-
-    bb = causal_lm.backbone
-    f32 = lambda v: np.ascontiguousarray(np.asarray(v, np.float32))  # noqa: E731
-    hidden = int(bb.hidden_dim)
-    table, head = embedding_weights(causal_lm)
-    w = {EMBEDDING_INPUT: f32(table), LM_HEAD_INPUT: f32(head),
-         "tfaccel_position_embedding": f32(bb.position_embedding.position_embeddings),
-         "tfaccel_final_ln_gamma": f32(bb.layer_norm.gamma), "tfaccel_final_ln_beta": f32(bb.layer_norm.beta)}
-    for i, layer in enumerate(bb.transformer_layers):
-        attn = layer._self_attention_layer
-        qkv = [attn._query_dense, attn._key_dense, attn._value_dense]
-        w[f"tfaccel_l{i}_ln1_gamma"] = f32(layer._self_attention_layer_norm.gamma)
-        w[f"tfaccel_l{i}_ln1_beta"] = f32(layer._self_attention_layer_norm.beta)
-        w[f"tfaccel_l{i}_qkv_kernel"] = f32(np.concatenate([np.reshape(d.kernel, (hidden, -1)) for d in qkv], 1))
-        w[f"tfaccel_l{i}_qkv_bias"] = f32(np.concatenate([np.reshape(d.bias, (-1,)) for d in qkv]))
-        w[f"tfaccel_l{i}_out_kernel"] = f32(np.reshape(attn._output_dense.kernel, (-1, hidden)))
-        w[f"tfaccel_l{i}_out_bias"] = f32(attn._output_dense.bias)
-        w[f"tfaccel_l{i}_ln2_gamma"] = f32(layer._feedforward_layer_norm.gamma)
-        w[f"tfaccel_l{i}_ln2_beta"] = f32(layer._feedforward_layer_norm.beta)
-        w[f"tfaccel_l{i}_fc_kernel"] = f32(layer._feedforward_intermediate_dense.kernel)
-        w[f"tfaccel_l{i}_fc_bias"] = f32(layer._feedforward_intermediate_dense.bias)
-        w[f"tfaccel_l{i}_proj_kernel"] = f32(layer._feedforward_output_dense.kernel)
-        w[f"tfaccel_l{i}_proj_bias"] = f32(layer._feedforward_output_dense.bias)
-    return w
-
-
-def make_gpt2_native_step(causal_lm):
-    """GPT-2's decode step (the module docstring's inputs and outputs) in plain TensorFlow ops.
-
-    The same arithmetic as keras-hub's ``GPT2CausalLM.call_with_cache`` (pre-norm layers, query scaled by
-    1/sqrt(head_dim) before the scores, masked scores pushed to -1e9, tanh gelu), with the cache appended
-    to rather than written into, and every shape computed once per step.
-
-    Returns:
-        (fn, input_signature, weights): ``weights`` maps each extra input name to its numpy value.
-
-    Raises:
-        StepError: :func:`native_gpt2_refusal` names a reason.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    reason = native_gpt2_refusal(causal_lm)
-    if reason:
-        raise StepError(f"The native GPT-2 decoder graph does not cover this model: {reason}.")
-    layout = decoder_layout(causal_lm)
-    heads, head_dim, n_layers = layout.num_kv_heads, layout.head_dim, layout.num_layers
-    hidden = heads * head_dim
-    weights = _gpt2_native_weights(causal_lm)
-    scale = float(1.0 / np.sqrt(head_dim))
-
-    def layer_norm(x, gamma, beta):
-        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-        d = x - mean
-        var = tf.reduce_mean(tf.pow(d, 2.0), axis=-1, keepdims=True)
-        return d / tf.sqrt(var + _LAYER_NORM_EPSILON) * gamma + beta
-
-    def step(inputs):
-        w = inputs
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        batch, new = tf.shape(ids)[0], tf.shape(ids)[1]
-        past_len = tf.shape(inputs["past_0"])[2]
-        total = past_len + new
-        split_heads = tf.stack([batch, new, heads, head_dim])
-        merge_heads = tf.stack([batch, new, hidden])
-        x = tf.gather(w[EMBEDDING_INPUT], ids) + tf.slice(w["tfaccel_position_embedding"], tf.stack([past_len, 0]),
-                                                          tf.stack([new, hidden]))
-        # [batch, 1, new, total] additive mask: causal (key position <= query position) and the attention mask
-        q_pos = tf.range(new)[:, None] + past_len
-        k_pos = tf.range(total)[None, :]
-        allowed = tf.logical_and((k_pos <= q_pos)[None, None], (mask > 0)[:, None, None, :])
-        bias = tf.where(allowed, tf.constant(0.0), tf.constant(-1e9))
-        out = {}
-        for i in range(n_layers):
-            p = f"tfaccel_l{i}_"
-            h = layer_norm(x, w[p + "ln1_gamma"], w[p + "ln1_beta"])
-            qkv = tf.matmul(h, w[p + "qkv_kernel"]) + w[p + "qkv_bias"]
-            q, k, v = tf.split(qkv, 3, axis=-1)
-            q, k, v = (tf.reshape(t, split_heads) for t in (q, k, v))
-            present = tf.concat([inputs[f"past_{i}"], tf.stack([k, v], axis=1)], axis=2)
-            out[f"present_{i}"] = tf.identity(present, name=f"present_{i}")
-            keys, values = tf.gather(present, 0, axis=1), tf.gather(present, 1, axis=1)
-            scores = tf.matmul(tf.transpose(q * scale, [0, 2, 1, 3]), tf.transpose(keys, [0, 2, 3, 1])) + bias
-            attn = tf.matmul(tf.nn.softmax(scores, axis=-1), tf.transpose(values, [0, 2, 1, 3]))
-            attn = tf.reshape(tf.transpose(attn, [0, 2, 1, 3]), merge_heads)
-            x = x + tf.matmul(attn, w[p + "out_kernel"]) + w[p + "out_bias"]
-            h = layer_norm(x, w[p + "ln2_gamma"], w[p + "ln2_beta"])
-            h = tf.nn.gelu(tf.matmul(h, w[p + "fc_kernel"]) + w[p + "fc_bias"], approximate=True)
-            x = x + tf.matmul(h, w[p + "proj_kernel"]) + w[p + "proj_bias"]
-        x = layer_norm(x, w["tfaccel_final_ln_gamma"], w["tfaccel_final_ln_beta"])
-        out["logits"] = tf.matmul(x, w[LM_HEAD_INPUT])
-        return out
-
-    sig = {"input_ids": tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-           "attention_mask": tf.TensorSpec([None, None], tf.int32, name="attention_mask")}
-    for name in layout.past_names():
-        sig[name] = tf.TensorSpec([None, 2, None, heads, head_dim], tf.float32, name=name)
-    for name, value in weights.items():
-        sig[name] = tf.TensorSpec(value.shape, tf.float32, name=name)
-    return step, [sig], weights
-
-
 def embedding_weights(causal_lm):
     """(token embedding ``[vocab, hidden]``, LM head ``[hidden, vocab]``) as numpy arrays."""
     import numpy as np
@@ -429,25 +289,52 @@ def _onnx_friendly_slice_update():
         core.slice_update = original
 
 
-GRAPHS = ("auto", NATIVE_GPT2, "keras-layers")
+NATIVE = "native"
+GRAPHS = ("auto", NATIVE, "keras-layers")
 
 
 def resolve_graph(causal_lm, graph: str = "auto") -> tuple[str, str | None]:
     """The decoder graph :func:`export_decoder` writes for ``graph`` (one of :data:`GRAPHS`), and why the
-    native GPT-2 graph does not cover this model (None when it does).
+    native graph does not cover this model (None when it does).
 
     Raises:
-        StepError: an unknown ``graph``, or ``gpt2-native`` for a model it does not cover (the reason).
+        StepError: an unknown ``graph``, or ``native`` for a model it does not cover (the reason).
     """
+    from tfaccel.onnx.decoder_graph import native_refusal
+
     if graph not in GRAPHS:
         raise StepError(f"graph must be one of {', '.join(GRAPHS)}. Received: graph={graph!r}")
-    refusal = native_gpt2_refusal(causal_lm)
-    if graph == NATIVE_GPT2 and refusal:
-        raise StepError(f"The native GPT-2 decoder graph does not cover this model: {refusal}. "
+    refusal = native_refusal(causal_lm)
+    if graph == NATIVE and refusal:
+        raise StepError(f"The native decoder graph does not cover this model: {refusal}. "
                         "Use graph='auto' (or 'keras-layers').")
     if graph == "auto":
-        graph = NATIVE_GPT2 if refusal is None else "keras-layers"
+        graph = NATIVE if refusal is None else "keras-layers"
     return graph, refusal
+
+
+#: Above this many bytes of weights a decoder's initializers go to ``decoder.onnx.data`` (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+def save_decoder_model(model, path: str | os.PathLike) -> None:
+    """Write an ONNX decoder so it appears only when complete; past :data:`EXTERNAL_DATA_BYTES` of weights the
+    initializers go to ``<name>.data`` beside it (protobuf cannot hold more than 2 GB)."""
+    import onnx
+
+    path = Path(path)
+    size = sum(len(i.raw_data) for i in model.graph.initializer)
+    tmp = Path(tempfile.mkdtemp(prefix=".decoder-", dir=path.parent))
+    try:
+        if size <= EXTERNAL_DATA_BYTES:
+            onnx.save(model, str(tmp / path.name))
+        else:
+            onnx.save(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=path.name + ".data", size_threshold=1024)
+            os.replace(tmp / (path.name + ".data"), path.with_name(path.name + ".data"))
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, graph: str = "auto",
@@ -457,10 +344,12 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, gra
     Args:
         causal_lm: a keras-hub CausalLM (GPT-2, Llama, Llama 3, Mistral, Qwen).
         folder: where to write (created if missing); the files appear only when complete.
-        opset: ONNX opset for tf2onnx.
-        graph: ``"gpt2-native"`` (GPT-2's step in plain TensorFlow ops, :func:`make_gpt2_native_step`:
-            ~5x fewer ONNX nodes), ``"keras-layers"`` (the step traced through keras-hub's own layers:
-            every supported family), or ``"auto"``: native where :func:`native_gpt2_refusal` allows.
+        opset: ONNX opset (17 or later for the native graph).
+        graph: ``"native"`` (the step written directly in ONNX with onnxruntime's fused attention and norms,
+            :mod:`tfaccel.onnx.decoder_graph`: GPT-2 and the Llama class, no TensorFlow conversion),
+            ``"keras-layers"`` (the step traced through keras-hub's own layers and converted by tf2onnx: every
+            supported family, and the graph TensorRT can parse), or ``"auto"``: native where
+            :func:`tfaccel.onnx.decoder_graph.native_refusal` allows.
         log: optional progress callable.
 
     Returns:
@@ -476,29 +365,38 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, gra
     """
     import tensorflow as tf
 
-    from tfaccel.onnx.onnx_convert import convert_saved_model
-    from tfaccel.saved_model import write_endpoints, write_keras_endpoints
+    from tfaccel.core.artifact import output_names_of
 
     layout = decoder_layout(causal_lm)
     graph, _ = resolve_graph(causal_lm, graph)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    names = output_names_of(causal_lm) or ["logits"]
+    if graph == NATIVE:
+        from tfaccel.onnx.decoder_graph import build_native_decoder
+
+        if log:
+            log(f"  writing the {layout.family} decode step as an ONNX graph ({layout.num_layers} layers, native)")
+        model, layout = build_native_decoder(causal_lm, layout, opset=max(opset, 17))
+        save_decoder_model(model, folder / DECODER_FILE)
+        write_layout(folder, layout, output_name=names[0], onnx_file=DECODER_FILE, opset=max(opset, 17),
+                     graph=graph)
+        return layout
+    from tfaccel.onnx.onnx_convert import convert_saved_model
+    from tfaccel.saved_model import write_keras_endpoints
+
     tmp = Path(tempfile.mkdtemp(prefix=".decoder-savedmodel-", dir=folder))
     # Saving traces again every tf.function the tracked model holds: keras-hub's compiled generate function
     # would be retraced under the slice_update patch (and cached so). Keep it out of the export.
     generate_function = getattr(causal_lm, "generate_function", None)
     causal_lm.generate_function = None
     try:
-        if graph == NATIVE_GPT2:
-            step, sig, weights = make_gpt2_native_step(causal_lm)
-            write_endpoints(tmp / "saved_model", {"serving_default": tf.function(step, input_signature=sig)})
-        else:
-            step, sig = make_decoder_step(causal_lm, external_embeddings=True)
-            table, head = embedding_weights(causal_lm)
-            weights = {EMBEDDING_INPUT: table, LM_HEAD_INPUT: head}
-            with _onnx_friendly_slice_update():  # each weight stored once: tf2onnx's memory peak halves
-                write_keras_endpoints(causal_lm, tmp / "saved_model",
-                                      {"serving_default": tf.function(step, input_signature=sig)})
+        step, sig = make_decoder_step(causal_lm, external_embeddings=True)
+        table, head = embedding_weights(causal_lm)
+        weights = {EMBEDDING_INPUT: table, LM_HEAD_INPUT: head}
+        with _onnx_friendly_slice_update():  # each weight stored once: tf2onnx's memory peak halves
+            write_keras_endpoints(causal_lm, tmp / "saved_model",
+                                  {"serving_default": tf.function(step, input_signature=sig)})
         if log:
             log(f"  tf2onnx: converting the {layout.family} decode step ({layout.num_layers} layers, {graph} graph)")
         convert_saved_model(tmp / "saved_model", folder / DECODER_FILE, opset=opset, log=None)
@@ -506,9 +404,6 @@ def export_decoder(causal_lm, folder: str | os.PathLike, *, opset: int = 17, gra
     finally:
         causal_lm.generate_function = generate_function
         shutil.rmtree(tmp, ignore_errors=True)
-    from tfaccel.core.artifact import output_names_of
-
-    names = output_names_of(causal_lm) or ["logits"]
     write_layout(folder, layout, output_name=names[0], onnx_file=DECODER_FILE, opset=opset, graph=graph)
     return layout
 

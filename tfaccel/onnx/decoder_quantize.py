@@ -21,9 +21,7 @@ import numpy as np
 
 from tfaccel.core.files import atomic_file
 from tfaccel.onnx.decoder_export import DECODER_FILE, read_layout, write_layout
-
-INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
-
+from tfaccel.onnx.decoder_graph import NBITS_BLOCK_SIZES
 
 _FOLDABLE = {"Identity", "Transpose", "Reshape", "Shape", "Gather", "ReduceProd", "Concat", "Unsqueeze", "Squeeze",
              "Cast", "Slice", "Mul", "Add", "Sub", "Div"}
@@ -50,22 +48,30 @@ def _constant(name: str, inits: dict, producers: dict, memo: dict):
     return value
 
 
-def gemm_to_matmul(model):
+def gemm_to_matmul(model, untie: bool = False):
     """Rewrite ``Gemm(A, B[, C])`` with a constant ``B`` as ``MatMul(A, B')`` (+ ``Add(C)``), in place.
 
     Only plain Gemms are rewritten (``transA = 0``; ``alpha``/``beta`` are folded into the weight and
-    bias). Returns the number of Gemms rewritten.
+    bias), and a ``B`` other nodes read too (a native graph's tied embedding) only with ``untie``.
+    Returns the number of Gemms rewritten.
     """
     from onnx import helper, numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
     memo: dict = {}
     new_nodes, count = [], 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Gemm" else {}
-        w = _constant(node.input[1], inits, producers, memo) if node.op_type == "Gemm" else None
+        # a weight other nodes read too (the tied embedding of a native graph) stays shared: matmul_to_nbits
+        # quantizes such a Gemm in place
+        shared = node.op_type == "Gemm" and readers.get(node.input[1], 0) > 1 and not untie
+        w = _constant(node.input[1], inits, producers, memo) if node.op_type == "Gemm" and not shared else None
         if w is None or attrs.get("transA", 0) != 0 or w.ndim != 2:
             new_nodes.append(node)
             continue
@@ -114,12 +120,12 @@ def _drop_unused_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _prepare(src_folder, dst_folder):
+def _prepare(src_folder, dst_folder, untie: bool = False):
     import onnx
 
     layout, info = read_layout(src_folder)
     model = onnx.load(str(Path(src_folder) / info.get("onnx_file", DECODER_FILE)))
-    rewritten = gemm_to_matmul(model)
+    rewritten = gemm_to_matmul(model, untie=untie)
     dst = Path(dst_folder)
     dst.mkdir(parents=True, exist_ok=True)
     return layout, info, model, rewritten, dst
@@ -134,18 +140,36 @@ def _count(model, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
 
 
+INT8_METHODS = ("blockwise", "dynamic")
+#: Rows per 8-bit block of the blockwise int8 decoder (see quantize_decoder_int8).
+INT8_BLOCK_SIZE = 64
+
+
 def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
-                          per_channel: bool | None = True, reduce_range: bool | None = None) -> dict:
-    """An ONNX decoder folder -> onnxruntime dynamic int8 decoder folder (int8 weights, int8 activations
-    quantized per call).
+                          method: str = "blockwise", block_size: int = INT8_BLOCK_SIZE,
+                          head_block_size: int | None = None, per_channel: bool | None = True,
+                          reduce_range: bool | None = None) -> dict:
+    """An ONNX decoder folder -> int8 decoder folder.
+
+    Two methods:
+
+    - ``blockwise`` (default): 8-bit weights with one scale per ``block_size`` input rows in ``MatMulNBits``
+      with ``accuracy_level=4``: int8 dot products on activations quantized per block inside the kernel, no
+      quantization nodes in the graph (llama.cpp's Q8_0 scheme). The tied embedding of a native graph stays
+      one table (``GatherBlockQuantized`` reads the same integers).
+    - ``dynamic``: onnxruntime's dynamic int8 (``MatMulInteger``; activations quantized per call with one
+      scale, weights per column). Faster from batch ~8 on CPUs with VNNI, less close to the float model.
 
     Args:
         src_folder: a decoder folder from :func:`tfaccel.onnx.decoder_export.export_decoder`.
         dst_folder: where to write ``decoder.onnx`` + ``decoder.json``.
-        per_channel: one scale per output column of each weight (default: on; token agreement matters
-            more for a decoder than the few scales it costs); None: as ``tfaccel.compat`` says for this CPU.
-        reduce_range: 7-bit weights; None: as ``tfaccel.compat`` says for this CPU (on without VNNI, where
-            onnxruntime's u8s8 products can saturate their 16-bit sums).
+        method: ``"blockwise"`` or ``"dynamic"``.
+        block_size: ``blockwise``: rows per block, a power of two from 16 to 256.
+        head_block_size: ``blockwise``: the LM head's block (default ``block_size``).
+        per_channel: ``dynamic``: one scale per output column of each weight (default: on; token agreement
+            matters more for a decoder than the few scales it costs); None: as ``tfaccel.compat`` says.
+        reduce_range: ``dynamic``: 7-bit weights; None: as ``tfaccel.compat`` says for this CPU (on without
+            VNNI, where onnxruntime's u8s8 products can saturate their 16-bit sums).
 
     Returns:
         What was done: the settings, Gemms rewritten, MatMuls quantized.
@@ -153,6 +177,11 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     Example:
         >>> quantize_decoder_int8("out/stages/01-onnx-decoder", "gpt2-int8")  # doctest: +SKIP
     """
+    if method not in INT8_METHODS:
+        raise ValueError(f"method must be one of {INT8_METHODS}. Received: method={method!r}")
+    if method == "blockwise":
+        return _quantize_nbits(src_folder, dst_folder, bits=8, block_size=block_size, symmetric=True,
+                               accuracy_level=4, quantization="int8-blockwise", head_block_size=head_block_size)
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -162,7 +191,8 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
         settings = capabilities().ort_int8_settings()
         reduce_range = settings["reduce_range"] if reduce_range is None else reduce_range
         per_channel = settings["per_channel"] if per_channel is None else per_channel
-    layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
+    # MatMulInteger takes a MatMul's [K, N] weight: a tied head becomes its own (transposed) int8 copy
+    layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder, untie=True)
     matmuls = _count(model, "MatMul")
     staged = dst / ".decoder.prepared.onnx"
     try:
@@ -174,59 +204,94 @@ def quantize_decoder_int8(src_folder: str | os.PathLike, dst_folder: str | os.Pa
     finally:
         staged.unlink(missing_ok=True)
     quantized = _count(onnx.load(str(dst / DECODER_FILE), load_external_data=False), "MatMulInteger")
-    info = {"quantization": "ort-dynamic-int8", "per_channel": per_channel, "reduce_range": bool(reduce_range),
-            "gemm_rewritten": rewritten, "matmuls": matmuls, "matmuls_quantized": quantized}
+    info = {"quantization": "ort-dynamic-int8", "method": "dynamic", "per_channel": per_channel,
+            "reduce_range": bool(reduce_range), "gemm_rewritten": rewritten, "matmuls": matmuls,
+            "matmuls_quantized": quantized}
     write_layout(dst, layout, **_carried(src_info), **info)
     return info
 
 
-def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bool = True,
-                    accuracy_level: int = 4) -> int:
-    """Replace every ``MatMul`` with a 2-D constant weight by ``com.microsoft.MatMulNBits`` (4 or 8 bits), in place.
+def _pack_nbits(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """``w [K, N]`` float32 -> (packed ``[N, k_blocks, blob]``, scales ``[N, k_blocks]``, zero points) in
+    MatMulNBits' layout, packed by onnxruntime's own kernel (``quantize_matmul_{4,8}bits``, what
+    ``MatMulNBitsQuantizer`` calls; this avoids the quantizer's extra dependency ``onnx_ir``, which
+    onnxruntime 1.32 does not install)."""
+    from onnxruntime.capi import _pybind_state
 
-    The weights are packed by onnxruntime's own kernel (``quantize_matmul_4bits``, what
-    ``MatMulNBitsQuantizer`` calls); this avoids the quantizer's extra dependency (``onnx_ir``), which
-    onnxruntime 1.32 does not install. Returns the number of MatMuls replaced.
+    pack = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
+    per_byte = 8 // bits
+    rows, cols = w.shape
+    k_blocks = (rows + block_size - 1) // block_size
+    padded = np.pad(w, ((0, k_blocks * block_size - rows), (0, 0))) if k_blocks * block_size != rows else w
+    packed = np.zeros((cols, k_blocks, block_size // per_byte), dtype=np.uint8)
+    zero_points = np.zeros((cols, (k_blocks + per_byte - 1) // per_byte), dtype=np.uint8)
+    scales = np.zeros((cols, k_blocks), dtype=np.float32)
+    pack(packed, np.ascontiguousarray(padded, dtype=np.float32), scales, zero_points, block_size, cols, rows,
+         symmetric)
+    return packed, scales, zero_points
+
+
+def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bool = True,
+                    accuracy_level: int = 4, head_bits: int | None = None, head_block_size: int | None = None) -> int:
+    """Replace every weight product by ``com.microsoft.MatMulNBits`` (4 or 8 bits, block-wise scales), in place.
+
+    Quantized: ``MatMul`` with a 2-D float initializer, and ``Gemm(x, table, transB=1)`` without bias (the tied LM
+    head of a native graph: the ``[vocab, hidden]`` table already is MatMulNBits' ``[N, K]`` layout). A
+    ``Gather`` reading that same table becomes ``GatherBlockQuantized`` on the same packed integers, so the
+    table is stored once.
+
+    ``head_bits`` / ``head_block_size`` quantize the LM head (the tied table, or the product writing ``logits``)
+    differently from the rest (8-bit beside a 4-bit body: the table is also every token's input embedding).
+    Returns the number of products replaced.
     """
     from onnx import helper, numpy_helper
-    from onnxruntime.capi import _pybind_state
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8. Received: bits={bits!r}")
-    pack = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
-    per_byte = 8 // bits
-
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    packed_tables: dict[str, tuple[str, str, int]] = {}  # float table -> (packed, gather scales, K)
     new_nodes, count = [], 0
+
+    def weight_of(node):
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            return numpy_helper.to_array(inits[node.input[1]]), False
+        if node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in inits:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
+                return numpy_helper.to_array(inits[node.input[1]]).T, True
+        return None, False
+
+    head = {"bits": bits, "block": block_size}
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
-            new_nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if w.dtype != np.float32:
+        w, tied = weight_of(node)
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
             new_nodes.append(node)
             continue
         rows, cols = w.shape
-        k_blocks = (rows + block_size - 1) // block_size
-        padded = np.pad(w, ((0, k_blocks * block_size - rows), (0, 0))) if k_blocks * block_size != rows else w
-        packed = np.zeros((cols, k_blocks, block_size // per_byte), dtype=np.uint8)
-        zero_points = np.zeros((cols, (k_blocks + per_byte - 1) // per_byte), dtype=np.uint8)
-        scales = np.zeros((cols, k_blocks), dtype=np.float32)
-        pack(packed, np.ascontiguousarray(padded), scales, zero_points, block_size, cols, rows, symmetric)
+        nbits, block = bits, block_size
+        if tied or "logits" in node.output:
+            nbits, block = head_bits or bits, head_block_size or block_size
+            head.update(bits=nbits, block=block)
+        packed, scales, zero_points = _pack_nbits(w, nbits, block, symmetric)
         base = f"{node.input[1]}_{count}"
-        graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q{bits}"),
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q{nbits}"),
                                   numpy_helper.from_array(scales, f"{base}_scales")])
-        inputs = [node.input[0], f"{base}_Q{bits}", f"{base}_scales"]
+        inputs = [node.input[0], f"{base}_Q{nbits}", f"{base}_scales"]
         if not symmetric:
             graph.initializer.append(numpy_helper.from_array(zero_points, f"{base}_zero_points"))
             inputs.append(f"{base}_zero_points")
-        attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
+        if tied:  # GatherBlockQuantized wants the scales with the packed data's rank
+            graph.initializer.append(numpy_helper.from_array(scales[..., None], f"{base}_gather_scales"))
+            packed_tables[node.input[1]] = (f"{base}_Q{nbits}", f"{base}_gather_scales", rows)
+        attrs = {"K": rows, "N": cols, "bits": nbits, "block_size": block}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{bits}",
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{nbits}",
                                           domain="com.microsoft", **attrs))
         count += 1
+    if packed_tables:
+        new_nodes = _gathers_on_packed(new_nodes, graph, packed_tables, head["bits"], head["block"], symmetric)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -235,10 +300,42 @@ def matmul_to_nbits(model, *, bits: int = 4, block_size: int = 32, symmetric: bo
     return count
 
 
+def _gathers_on_packed(nodes, graph, packed_tables, bits: int, block_size: int, symmetric: bool):
+    """``Gather(table, ids)`` -> ``GatherBlockQuantized(packed, ids, scales)`` reshaped back to ``[.., K]``."""
+    from onnx import helper, numpy_helper
+
+    out = []
+    for node in nodes:
+        if node.op_type != "Gather" or node.input[0] not in packed_tables:
+            out.append(node)
+            continue
+        packed, scales, k = packed_tables[node.input[0]]
+        ins = [packed, node.input[1], scales]
+        if not symmetric:  # symmetric blocks use the kernels' default zero point (8 for 4 bits, 128 for 8)
+            raise ValueError("A tied embedding table is quantized symmetrically only (no zero points).")
+        base = node.output[0]
+        out.append(helper.make_node("GatherBlockQuantized", ins, [f"{base}_blocks"], name=f"{node.name}_Q{bits}",
+                                    domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=block_size,
+                                    bits=bits))
+        graph.initializer.append(numpy_helper.from_array(np.array([k], np.int64), f"{base}_width"))
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{base}_keep"))
+        out.append(helper.make_node("Shape", [node.input[1]], [f"{base}_ids_shape"], name=f"{base}_ids_shape"))
+        out.append(helper.make_node("Concat", [f"{base}_ids_shape", f"{base}_keep"], [f"{base}_flat_shape"], axis=0,
+                                    name=f"{base}_flat_shape"))
+        out.append(helper.make_node("Reshape", [f"{base}_blocks", f"{base}_flat_shape"], [f"{base}_flat"],
+                                    name=f"{base}_flat"))
+        # the last block may be padded past K
+        out.append(helper.make_node("Slice", [f"{base}_flat", f"{base}_zero", f"{base}_width", f"{base}_keep"],
+                                    list(node.output), name=f"{base}_unpad"))
+        graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{base}_zero"))
+    return out
+
+
 def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.PathLike, *,
-                          block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4) -> dict:
+                          block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
+                          head_bits: int = 4, head_block_size: int | None = None) -> dict:
     """An ONNX decoder folder -> int4 weight-only decoder (``MatMulNBits``: 4-bit weights in blocks of
-    ``block_size`` input rows, one scale per block).
+    ``block_size`` input rows, one scale per block; round to nearest).
 
     Args:
         src_folder, dst_folder: as for :func:`quantize_decoder_int8`.
@@ -247,25 +344,41 @@ def quantize_decoder_int4(src_folder: str | os.PathLike, dst_folder: str | os.Pa
         symmetric: symmetric 4-bit blocks (no zero points).
         accuracy_level: MatMulNBits' compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
             (fastest on x86 CPUs).
+        head_bits, head_block_size: the LM head's bits (4 or 8) and block (default ``block_size``); with a tied
+            embedding the same table is every token's input embedding.
 
     Example:
         >>> quantize_decoder_int4("out/stages/01-onnx-decoder", "gpt2-int4", block_size=32)  # doctest: +SKIP
     """
-    import onnx
-
-    if block_size not in INT4_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {INT4_BLOCK_SIZES}. Received: block_size={block_size!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4. Received: accuracy_level={accuracy_level!r}")
+    if head_bits not in (4, 8):
+        raise ValueError(f"head_bits must be 4 or 8. Received: head_bits={head_bits!r}")
+    return _quantize_nbits(src_folder, dst_folder, bits=4, block_size=block_size, symmetric=bool(symmetric),
+                           accuracy_level=accuracy_level, quantization="int4-weight-only", head_bits=head_bits,
+                           head_block_size=head_block_size)
+
+
+def _quantize_nbits(src_folder, dst_folder, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+                    quantization: str, head_bits: int | None = None, head_block_size: int | None = None) -> dict:
+    for name, b in (("block_size", block_size), ("head_block_size", head_block_size or block_size)):
+        if b not in NBITS_BLOCK_SIZES:
+            raise ValueError(f"{name} must be one of {NBITS_BLOCK_SIZES}. Received: {name}={b!r}")
+    from tfaccel.onnx.decoder_export import save_decoder_model
+
     layout, src_info, model, rewritten, dst = _prepare(src_folder, dst_folder)
-    matmuls = _count(model, "MatMul")
-    quantized = matmul_to_nbits(model, block_size=block_size, symmetric=bool(symmetric),
-                                accuracy_level=accuracy_level)
-    with atomic_file(dst / DECODER_FILE) as tmp:
-        onnx.save(model, str(tmp))
-    info = {"quantization": "int4-weight-only", "block_size": block_size, "symmetric": bool(symmetric),
+    matmuls = _count(model, "MatMul") + _count(model, "Gemm")
+    already = _count(model, "MatMulNBits")  # carried GPTQ / AWQ products stay as they are
+    quantized = matmul_to_nbits(model, bits=bits, block_size=block_size, symmetric=symmetric,
+                                accuracy_level=accuracy_level, head_bits=head_bits, head_block_size=head_block_size)
+    save_decoder_model(model, dst / DECODER_FILE)
+    info = {"quantization": quantization, "bits": bits, "block_size": block_size, "symmetric": symmetric,
+            "head_bits": head_bits or bits, "head_block_size": head_block_size or block_size,
             "accuracy_level": accuracy_level, "gemm_rewritten": rewritten, "matmuls": matmuls,
-            "matmuls_quantized": quantized}
+            "matmuls_quantized": quantized, "already_quantized": already,
+            "tied_embedding": _count(model, "GatherBlockQuantized") > 0}
+    if bits == 8:
+        info["method"] = "blockwise"
     write_layout(dst, layout, **_carried(src_info), **info)
     return info
 
@@ -276,3 +389,4 @@ def copy_decoder(src_folder: str | os.PathLike, dst_folder: str | os.PathLike) -
     dst.mkdir(parents=True, exist_ok=True)
     for name in (DECODER_FILE, "decoder.json"):
         shutil.copy2(Path(src_folder) / name, dst / name)
+

@@ -8,6 +8,12 @@ token agreement, teacher-forced next-token agreement and next-token logits cosin
 notes. The step fails when the next-token logits cosine is under ``min_next_token_cosine`` or the
 teacher-forced next-token agreement under ``min_token_agreement`` (None: reported, not enforced: random-weight
 models, like the built-in GPT-2 examples, have near-tied top logits that int8/int4 noise flips).
+
+Where the source carries held-out text (gpt2-bbc's held-out articles, or the user's ``--eval-texts``), each
+step also measures perplexity, its ratio to the Keras model's, the KL divergence of the next-token
+distributions and the same-top-token rate, teacher-forced through the decoder's own decode steps
+(:mod:`tfaccel.generation.quality`), and fails beyond ``max_perplexity_ratio`` / ``max_kl`` /
+``min_same_top`` (defaults: ratio 1.01, KL 0.01, same-top not enforced).
 """
 
 from __future__ import annotations
@@ -27,8 +33,14 @@ class _DecoderStepBase(Step):
     default_min_next_token_cosine: float = 0.9999
 
     def __init__(self, check_new_tokens: int = 8, min_token_agreement: float | None | str = "default",
-                 min_next_token_cosine: float | None = None, **kwargs):
+                 min_next_token_cosine: float | None = None, max_perplexity_ratio: float | None | str = "default",
+                 max_kl: float | None | str = "default", min_same_top: float | None = None,
+                 quality_windows: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        from tfaccel.generation.quality import quality_budget
+
+        self.quality_budget, self.quality_windows = quality_budget(max_perplexity_ratio, max_kl, min_same_top,
+                                                                   quality_windows)
         if not isinstance(check_new_tokens, int) or check_new_tokens < 1:
             raise ValueError(f"check_new_tokens must be an int >= 1. Received: check_new_tokens={check_new_tokens!r}")
         m = self.default_min_token_agreement if min_token_agreement == "default" else min_token_agreement
@@ -40,10 +52,12 @@ class _DecoderStepBase(Step):
         self.check_new_tokens = check_new_tokens
         self.min_token_agreement = None if m is None else float(m)
         self.min_next_token_cosine = float(c)
+        self._default_bounds = min_token_agreement == "default" and min_next_token_cosine is None
 
     def _base_params(self):
         return {"check_new_tokens": self.check_new_tokens, "min_token_agreement": self.min_token_agreement,
-                "min_next_token_cosine": self.min_next_token_cosine}
+                "min_next_token_cosine": self.min_next_token_cosine, **self.quality_budget.to_dict(),
+                "quality_windows": self.quality_windows}
 
     def check(self, source):
         if source.task != "causal_lm" or source.kind != "keras":
@@ -74,10 +88,19 @@ class _DecoderStepBase(Step):
                 f"Step '{self.name}': the decoder's next token differs from keras-hub's on "
                 f"{1 - res['next_token_agreement']:.1%} of positions (allowed {1 - self.min_token_agreement:.1%}). "
                 f"Loosen --set {self.name}.min_token_agreement=..., or use a less lossy setting.")
+        from tfaccel.generation.quality import validate_quality
+
+        quality = validate_quality(ctx, gen, self.quality_budget, self.name, windows=self.quality_windows)
+        if quality is not None:
+            res["quality"] = quality
         return res
 
     def _artifact(self, folder, artifact: Artifact, info: dict) -> Artifact:
         return Artifact(kind=self.produces, path=str(folder), input_names=artifact.input_names, info=info)
+
+
+#: The onnx-decoder step's own effect on a model with GPTQ / AWQ layers (measured cosine 0.99999 on gpt2-tiny).
+CARRIED_TOLERANCE = Tolerance(max_abs_diff=None, min_cosine=0.999, max_accuracy_drop=None)
 
 
 class OnnxDecoderStep(_DecoderStepBase):
@@ -85,10 +108,9 @@ class OnnxDecoderStep(_DecoderStepBase):
 
     Args:
         opset: ONNX opset.
-        graph: ``auto`` (default: GPT-2's step in plain TensorFlow ops where the model allows, ~5x fewer
-            ONNX nodes and 1.4x the tokens/s of the traced graph on gpt2-small; every other model traced
-            through its keras-hub layers), ``gpt2-native`` or ``keras-layers`` (see
-            :func:`tfaccel.onnx.decoder_export.export_decoder`).
+        graph: ``auto`` (default: the native graph written directly in ONNX with onnxruntime's fused attention
+            for GPT-2 and the Llama class; every other model traced through its keras-hub layers), ``native`` or
+            ``keras-layers`` (see :func:`tfaccel.onnx.decoder_export.export_decoder`; TensorRT needs the latter).
         check_new_tokens: new tokens per sample prompt for the agreement check.
         min_token_agreement: the lowest teacher-forced next-token agreement with keras-hub allowed (default
             0.99: float32 decoding picks keras-hub's tokens; a float near-tie may flip one).
@@ -115,7 +137,7 @@ class OnnxDecoderStep(_DecoderStepBase):
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.onnx.decoder_export import (
-            NATIVE_GPT2,
+            NATIVE,
             decoder_layout,
             export_decoder,
             resolve_graph,
@@ -126,8 +148,20 @@ class OnnxDecoderStep(_DecoderStepBase):
             graph, refusal = resolve_graph(artifact.model, self.graph)
         except StepError as exc:
             raise StepError(f"Step '{self.name}': {exc} On the command line: --set {self.name}.graph=auto.") from exc
+        carried = sorted({m for layer in artifact.model._flatten_layers()
+                          if (m := getattr(layer, "quantization_mode", None)) in ("gptq", "awq")})
+        if carried and self.tolerance is self.default_tolerance:
+            # the carried 4-bit products run on int8-quantized activations (MatMulNBits accuracy_level 4),
+            # where the Keras layers multiply float activations by the dequantized weights
+            self.tolerance = CARRIED_TOLERANCE
+        if carried and self._default_bounds:  # checked against the float source model: int4's bounds
+            self.min_token_agreement = OrtDecoderInt4Step.default_min_token_agreement
+            self.min_next_token_cosine = OrtDecoderInt4Step.default_min_next_token_cosine
         layout = export_decoder(artifact.model, ctx.stage_dir, opset=self.opset, graph=graph, log=ctx.log)
-        why = f" ({refusal})" if graph != NATIVE_GPT2 and type(artifact.model).__name__ == "GPT2CausalLM" else ""
+        if carried:
+            ctx.note(f"{', '.join(m.upper() for m in carried)} 4-bit weights carried unchanged into MatMulNBits "
+                     "(the same integers, scales and groups)")
+        why = f" (not native: {refusal})" if graph != NATIVE and self.graph == "auto" else ""
         ctx.note(f"{layout.family}: {layout.num_layers} layers, {layout.num_kv_heads} KV heads x {layout.head_dim}; "
                  f"one graph for prefill (past length 0) and decode; {graph} graph{why}")
         res = self._validate(ctx.stage_dir, ctx)
@@ -135,14 +169,18 @@ class OnnxDecoderStep(_DecoderStepBase):
 
 
 class OrtDecoderInt8Step(_DecoderStepBase):
-    """ONNX decoder -> onnxruntime dynamic int8 decoder (MatMulInteger). A side artifact.
+    """ONNX decoder -> int8 decoder. A side artifact.
 
     Args:
-        per_channel: per-column weight scales (default on); None: ``tfaccel.compat``'s choice for this CPU.
-        reduce_range: 7-bit weights; None (default): on for CPUs without VNNI.
+        method: ``blockwise`` (default: 8-bit weights with a scale per ``block_size`` rows in ``MatMulNBits``,
+            int8 dot products on activations quantized per block inside the kernel; the faster and closer one at
+            batch 1) or ``dynamic`` (onnxruntime's ``MatMulInteger``, activations quantized per call; faster
+            from batch ~8 on VNNI CPUs). See :func:`tfaccel.onnx.decoder_quantize.quantize_decoder_int8`.
+        block_size: ``blockwise``: rows per block (16-256, default 64).
+        per_channel: ``dynamic``: per-column weight scales (default on); None: ``tfaccel.compat``'s choice.
+        reduce_range: ``dynamic``: 7-bit weights; None (default): on for CPUs without VNNI.
         min_token_agreement: lowest teacher-forced next-token agreement allowed (default None: reported only).
-        min_next_token_cosine: lowest next-token logits cosine allowed (default 0.99; measured 0.9991 on
-            gpt2-small with random weights).
+        min_next_token_cosine: lowest next-token logits cosine allowed (default 0.99).
     """
 
     name = "ort-decoder-int8"
@@ -152,21 +190,41 @@ class OrtDecoderInt8Step(_DecoderStepBase):
     default_min_token_agreement = None
     default_min_next_token_cosine = 0.99
 
-    def __init__(self, per_channel: bool | None = True, reduce_range: bool | None = None, **kwargs):
+    def __init__(self, method: str = "blockwise", block_size: int | None = None, per_channel: bool | None = True,
+                 reduce_range: bool | None = None, **kwargs):
         super().__init__(**kwargs)
+        from tfaccel.onnx.decoder_quantize import INT8_BLOCK_SIZE, INT8_METHODS, NBITS_BLOCK_SIZES
+
+        if method not in INT8_METHODS:
+            raise ValueError(f"method must be one of {INT8_METHODS}. Received: method={method!r}")
+        block_size = INT8_BLOCK_SIZE if block_size is None else block_size
+        if block_size not in NBITS_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {NBITS_BLOCK_SIZES}. Received: block_size={block_size!r}")
+        self.method, self.block_size = method, block_size
         self.per_channel, self.reduce_range = per_channel, reduce_range
 
     def params(self):
-        return {"per_channel": self.per_channel, "reduce_range": self.reduce_range, **self._base_params()}
+        own = {"method": self.method, "block_size": self.block_size} if self.method == "blockwise" else {
+            "method": self.method, "per_channel": self.per_channel, "reduce_range": self.reduce_range}
+        return {**own, **self._base_params()}
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.onnx.decoder_quantize import quantize_decoder_int8
 
-        ctx.log("  onnxruntime dynamic int8 on every weight MatMul of the decoder")
-        info = quantize_decoder_int8(artifact.path, ctx.stage_dir, per_channel=self.per_channel,
-                                     reduce_range=self.reduce_range)
-        ctx.note(f"{info['matmuls_quantized']} MatMuls int8 ({info['gemm_rewritten']} Gemms rewritten to MatMul), "
-                 f"per_channel={info['per_channel']}, reduce_range={info['reduce_range']}")
+        if self.method == "blockwise":
+            ctx.log(f"  8-bit weights in blocks of {self.block_size} (MatMulNBits, int8 dot products)")
+        else:
+            ctx.log("  onnxruntime dynamic int8 on every weight MatMul of the decoder")
+        info = quantize_decoder_int8(artifact.path, ctx.stage_dir, method=self.method, block_size=self.block_size,
+                                     per_channel=self.per_channel, reduce_range=self.reduce_range)
+        if self.method == "blockwise":
+            kept = info.get("already_quantized", 0)
+            ctx.note(f"{info['matmuls_quantized']} float weight products 8-bit in blocks of {self.block_size} "
+                     f"(MatMulNBits, accuracy_level 4){f'; {kept} already quantized kept' if kept else ''}"
+                     f"{'; the tied embedding stored once' if info['tied_embedding'] else ''}")
+        else:
+            ctx.note(f"{info['matmuls_quantized']} MatMuls int8 ({info['gemm_rewritten']} Gemms rewritten to MatMul), "
+                     f"per_channel={info['per_channel']}, reduce_range={info['reduce_range']}")
         res = self._validate(ctx.stage_dir, ctx)
         return self._artifact(ctx.stage_dir, artifact, {**info, **res})
 
@@ -193,10 +251,10 @@ class OrtDecoderInt4Step(_DecoderStepBase):
 
     def __init__(self, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4, **kwargs):
         super().__init__(**kwargs)
-        from tfaccel.onnx.decoder_quantize import INT4_BLOCK_SIZES
+        from tfaccel.onnx.decoder_quantize import NBITS_BLOCK_SIZES
 
-        if block_size not in INT4_BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {INT4_BLOCK_SIZES}. Received: block_size={block_size!r}")
+        if block_size not in NBITS_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {NBITS_BLOCK_SIZES}. Received: block_size={block_size!r}")
         self.block_size, self.symmetric, self.accuracy_level = block_size, bool(symmetric), accuracy_level
 
     def params(self):
@@ -209,7 +267,9 @@ class OrtDecoderInt4Step(_DecoderStepBase):
         ctx.log(f"  int4 weight-only (MatMulNBits, block {self.block_size})")
         info = quantize_decoder_int4(artifact.path, ctx.stage_dir, block_size=self.block_size,
                                      symmetric=self.symmetric, accuracy_level=self.accuracy_level)
-        ctx.note(f"{info['matmuls_quantized']} MatMuls int4 (block {self.block_size}), "
-                 f"{info['gemm_rewritten']} Gemms rewritten to MatMul")
+        kept = info.get("already_quantized", 0)
+        ctx.note(f"{info['matmuls_quantized']} float weight products int4 (block {self.block_size}, round to nearest)"
+                 f"{f'; {kept} already quantized kept' if kept else ''}"
+                 f"{'; the tied embedding stored once' if info['tied_embedding'] else ''}")
         res = self._validate(ctx.stage_dir, ctx)
         return self._artifact(ctx.stage_dir, artifact, {**info, **res})

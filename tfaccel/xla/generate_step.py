@@ -45,6 +45,10 @@ class GenerateStep(Step):
         weights: "float" (the model as it is) or "int8" (Keras int8 weights and activations on a copy;
             the SavedModel is about 4x smaller in weights; logits validated with the int8 step's tolerance).
         jit_compile: True, False or "auto".
+        max_perplexity_ratio, max_kl, min_same_top, quality_windows: where the source carries held-out text
+            (gpt2-bbc, ``--eval-texts``), the export's perplexity ratio, KL divergence and same-top-token rate
+            against the Keras model on that many windows, through its ``serving_default`` forward pass
+            (:func:`tfaccel.generation.quality.validate_quality`; defaults: ratio 1.01, KL 0.01).
     """
 
     name = "generate"
@@ -54,7 +58,8 @@ class GenerateStep(Step):
 
     def __init__(self, max_new_tokens_cap: int | None = None, prompt_buckets=DEFAULT_PROMPT_BUCKETS,
                  check_new_tokens: int = 8, min_token_agreement: float = 0.9, weights: str = "float",
-                 jit_compile="auto", **kwargs):
+                 jit_compile="auto", max_perplexity_ratio="default", max_kl="default", min_same_top=None,
+                 quality_windows: int | None = None, **kwargs):
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}. Received: weights={weights!r}")
         if weights == "int8" and kwargs.get("tolerance") is None:
@@ -77,11 +82,16 @@ class GenerateStep(Step):
         self.min_token_agreement = float(min_token_agreement)
         self.weights = weights
         self.summary = None
+        from tfaccel.generation.quality import quality_budget
+
+        self.quality_budget, self.quality_windows = quality_budget(max_perplexity_ratio, max_kl, min_same_top,
+                                                                   quality_windows)
 
     def params(self):
         p = {"max_new_tokens_cap": self.max_new_tokens_cap, "prompt_buckets": list(self.prompt_buckets),
              "jit_compile": self.jit_compile, "weights": self.weights,
-             "signatures": ["serving_default", "generate", "generate_greedy"]}
+             "signatures": ["serving_default", "generate", "generate_greedy"], **self.quality_budget.to_dict(),
+             "quality_windows": self.quality_windows}
         if self.summary is not None:
             p["weight_bytes_before"] = self.summary.weight_bytes_before
             p["weight_bytes_after"] = self.summary.weight_bytes_after
@@ -143,7 +153,19 @@ class GenerateStep(Step):
         if checked < self.min_token_agreement:
             raise StepError(f"The generate export disagrees with {ref} on {1 - checked:.1%} of {what} (allowed "
                             f"{1 - self.min_token_agreement:.0%}; min_token_agreement={self.min_token_agreement}).")
+        from tfaccel.generation.quality import validate_quality
+
+        serving = loaded.signatures["serving_default"]
+
+        def forward(ids):
+            out = serving(token_ids=tf.constant(ids), padding_mask=tf.constant(np.ones_like(ids)))
+            return np.asarray(next(iter(out.values())), np.float32)
+
+        quality = validate_quality(ctx, forward, self.quality_budget, self.name, windows=self.quality_windows,
+                                   what="generate SavedModel", through="its serving_default forward pass")
         out_info = {**info, "token_agreement": agreement, "weights": self.weights}
+        if quality is not None:
+            out_info["quality"] = quality
         if self.weights == "int8":
             out_info["next_token_agreement"] = checked
         if self.summary is not None:
