@@ -235,6 +235,14 @@ def write_plot(report: AutoReport, path: str | Path) -> str | None:
         ax.set_ylabel("lowest per-sample cosine vs reference")
     ax.set_xlabel(f"p50 latency, ms (batch {b} x seq {s}); left is faster")
     ax.set_title(f"tfaccel --auto: {report.source}")
+    return save_plot(fig, ax, path)
+
+
+def save_plot(fig, ax, path: str | Path) -> str:
+    """Grid, legend, layout, then ``fig`` written atomically as a PNG to ``path`` and closed; returns its
+    file name. The finishing of every --auto plot."""
+    import matplotlib.pyplot as plt
+
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

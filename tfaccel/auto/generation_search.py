@@ -22,7 +22,6 @@ The phases are those of the other ``--auto`` (:mod:`tfaccel.auto.search`), on ge
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 import time
@@ -40,7 +39,9 @@ from tfaccel.auto.auto_report import (
     NOT_TRIED,
     AutoCandidate,
     AutoReport,
+    save_plot,
 )
+from tfaccel.auto.rank import score_and_number
 from tfaccel.auto.recipes import Recipe, StepSpec
 from tfaccel.errors import OverBudget, PlanError, TfaccelError, first_line
 
@@ -418,12 +419,7 @@ def _time(report, source, generators: dict[str, Any], shapes, *, runs, warmup, m
 
 
 def _rank(report) -> None:
-    n = len(report.shapes)
-    for c in report.candidates:
-        if len(c.speedups) == n and c.status in (KEPT, DROPPED):
-            c.score = math.exp(sum(math.log(v) for v in c.speedups.values()) / n)
-    for i, c in enumerate(report.ranked(), 1):
-        c.rank = i if c.score is not None else None
+    score_and_number(report)
     kept = [c for c in report.candidates if c.status == KEPT and c.score is not None and c.name != BASELINE]
     saved_models = [c for c in kept if c.kind == "saved_model"]
     if not saved_models:
@@ -525,7 +521,6 @@ def write_generation_plot(report: GenerationAutoReport, path: str | Path) -> str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tfaccel.core.files import atomic_file
 
     key = shape_key(report.shapes[0])
     points = []
@@ -552,11 +547,4 @@ def write_generation_plot(report: GenerationAutoReport, path: str | Path) -> str
                   "lowest next-token cosine vs the Keras model")
     ax.set_xlabel(f"tokens/s at {key} (right is faster)")
     ax.set_title(f"tfaccel --auto: {report.source}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path.name
+    return save_plot(fig, ax, path)

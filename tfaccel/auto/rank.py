@@ -51,15 +51,22 @@ def _time_shape(report: AutoReport, runners: dict[str, Any], make_inputs: Callab
                 f"({m.runs} runs{', stopped: clearly slower' if name in st.timing.stopped else ''}) [{c.status}]")
 
 
-def rank(report: AutoReport) -> None:
-    """Score (geometric-mean speed-up over the shapes), rank, and pick the winner and the fastest of any
-    format."""
+def score_and_number(report) -> None:
+    """Each candidate timed at every shape (kept or dropped) gets its score, the geometric-mean speed-up over
+    the shapes, and a rank by score (``report.ranked()``); the others keep ``score``/``rank`` None. Shared by
+    the classifier search and the generation search."""
     n_shapes = len(report.shapes)
     for c in report.candidates:
         if len(c.speedups) == n_shapes and c.status in (KEPT, DROPPED):
             c.score = math.exp(sum(math.log(v) for v in c.speedups.values()) / n_shapes)
     for i, c in enumerate(report.ranked(), 1):
         c.rank = i if c.score is not None else None
+
+
+def rank(report: AutoReport) -> None:
+    """Score (geometric-mean speed-up over the shapes), rank, and pick the winner and the fastest of any
+    format."""
+    score_and_number(report)
     kept = [c for c in report.candidates if c.status == KEPT and c.score is not None]
     saved_models = [c for c in kept if c.kind == "saved_model"]
     report.winner = max(saved_models, key=lambda c: c.score).name
