@@ -168,8 +168,8 @@ class _CacheDecoder(Generator):
 class OnnxDecoderGenerator(_CacheDecoder):
     """An ONNX decoder folder (``decoder.onnx`` + ``decoder.json``) in onnxruntime on the CPU.
 
-    A decode step is hundreds of small nodes around the weight MatMuls (gpt2-small: ~630 in the native
-    GPT-2 graph, ~2,100 traced through keras-hub's layers), so how onnxruntime's threads wait between them
+    A decode step is many small nodes around the weight MatMuls (gpt2-small: 200 in the native graph,
+    ~2,100 traced through keras-hub's layers), so how onnxruntime's threads wait between them
     matters. By default they do not spin: on this project's shared 2-core machines (load 5-6 from other work,
     gpt2-small traced graph, 32 + 64 tokens, batch 1, 2026-12-01) spinning threads made the int8 decoder 1.7-2.0x slower (20 vs 34-38 tokens/s) and the
     fp32 one 1.5x slower (9.5 vs 14 tokens/s); one thread was faster still under that load (43-62

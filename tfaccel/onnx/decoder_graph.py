@@ -7,9 +7,9 @@ onnxruntime's scheduling between nodes costs about as much as the weight MatMuls
 layer is a few fused nodes, and no TensorFlow or tf2onnx runs (seconds and a few hundred MB instead of a
 minute and 4 GB for gpt2-small):
 
-- GPT-2: ``LayerNormalization`` (opset 17), one q/k/v ``MatMul``, ``com.microsoft.MultiHeadAttention`` with
-  ``past_key`` / ``past_value`` (it appends the new keys/values and attends in one kernel), ``FastGelu`` (the
-  tanh gelu GPT-2 uses).
+- GPT-2: ``LayerNormalization`` (opset 17), one q/k/v ``MatMul``, ``com.microsoft.GroupQueryAttention`` with as
+  many KV heads as query heads and ``past_key`` / ``past_value`` (it appends the new keys/values and attends in
+  one kernel), ``FastGelu`` (the tanh gelu GPT-2 uses).
 - Llama class: ``SimplifiedLayerNormalization`` (RMSNorm), one q/k/v ``MatMul``, ``com.microsoft.RotaryEmbedding``
   with cos/sin tables read from the model's own rotary layer (so Llama 3's frequency scaling is keras-hub's),
   ``com.microsoft.GroupQueryAttention`` (grouped KV heads without repeating them), one gate/up ``MatMul``, SiLU.

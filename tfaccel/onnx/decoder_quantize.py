@@ -1,4 +1,5 @@
-"""Quantized ONNX decoders: onnxruntime dynamic int8 (MatMulInteger) and int4 weight-only (MatMulNBits).
+"""Quantized ONNX decoders: 8-bit weight blocks (MatMulNBits, the int8 default) or onnxruntime dynamic int8
+(MatMulInteger, ``method="dynamic"``), and int4 weight-only (MatMulNBits).
 
 Decoding is bound by the weight bytes read per token, so smaller weights are the lever: int8 reads a
 quarter of float32's bytes, int4 an eighth (plus a scale per block).
@@ -7,8 +8,9 @@ tf2onnx writes keras-hub's attention projections as ``Gemm`` (an ``EinsumDense``
 neither onnxruntime's dynamic int8 quantizer (MatMul and Conv only) nor ``MatMulNBitsQuantizer``
 (MatMul) takes Gemm. :func:`gemm_to_matmul` first rewrites every Gemm whose weight is a constant into
 ``MatMul`` (+ ``Add`` for a bias), with the weight folded to a ``[in, out]`` initializer, so every
-weight matrix of the decoder is quantized. The token-embedding lookup (a Gather, one row per token)
-stays float32.
+weight matrix of the decoder is quantized. In a traced graph the token-embedding lookup (a Gather, one row
+per token) stays float32; in a native graph with a tied embedding the MatMulNBits quantizers pack that table
+once and the lookup becomes ``GatherBlockQuantized`` on it (:func:`matmul_to_nbits`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ gpt2-small, batch 1, one process (2026-11-22): one single-token decode step take
 oneDNN kernels), so ``jit_compile="auto"`` compiles with XLA only when a GPU is visible. On the 2-core Intel
 Xeon with AMX (2026-12-01, interleaved with keras-hub's ``generate``, load 5-6): graph mode 1.01-1.10x
 keras-hub, XLA 0.61x, Keras int8 weights 0.87x, bfloat16 weights 0.94x. GPT-2's step written in plain
-TensorFlow ops (the ONNX decoder's ``gpt2-native`` step, which onnxruntime runs 1.4x faster than the traced
+TensorFlow ops (the ONNX decoder's former ``gpt2-native`` graph, which onnxruntime ran 1.4x faster than the traced
 one) took as long in TensorFlow as keras-hub's own step (129 vs 128 ms at past length 32, same process, load
 ~3): TensorFlow's per-op overhead is not what limits the loop, its batch-1 matrix-vector kernels are. The loop
 computes what keras-hub's ``generate`` computes, and TensorFlow's CPU kernels do not turn fewer weight bytes or
