@@ -248,7 +248,10 @@ def cmd_optimize_auto(args) -> int:
         shapes = [parse_generation_shape(v) for v in (args.shape or [])] or None
         generation = {k: v for k, v in (("max_perplexity_ratio", args.max_perplexity_ratio),
                                         ("max_kl", args.max_kl)) if v is not None}
-        runs, warmup = min(args.runs, 5), min(args.warmup, 1)  # whole generations
+        # whole generations: at most 5 timed and 1 untimed per candidate and shape (the defaults 20 / 3 are
+        # forward-pass counts)
+        generation.update(runs=min(args.runs, 5), warmup=min(args.warmup, 1))
+        runs, warmup = args.runs, args.warmup
     else:
         _require(args.max_perplexity_ratio is None and args.max_kl is None,
                  "--max-perplexity-ratio / --max-kl judge a causal LM's generation on held-out text; "
@@ -404,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_steps)
 
     def model_args(sp):
-        sp.add_argument("model", help="example name (minilm-bbc, bert-base, gpt2-small, bert-tiny, gpt2-tiny), "
+        sp.add_argument("model", help="example name (minilm-bbc, bert-base, gpt2-small, gpt2-bbc, llama-small, bert-tiny, gpt2-tiny), "
                                        ".keras file, keras-hub preset / Hugging Face folder, or SavedModel folder")
         sp.add_argument("--task", choices=["backbone", "classification", "causal_lm"],
                         help="how to load a preset folder (default: backbone)")
@@ -452,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                    help="--auto: accuracy points the result may lose on the labelled eval data (default 1.0)")
     o.add_argument("--formats", choices=["savedmodel", "all"],
-                   help="--auto: SavedModel candidates only (default), or also OpenVINO/ONNX/LiteRT/TensorRT side artifacts")
+                   help="--auto: SavedModel candidates only (the default), or also OpenVINO/ONNX/LiteRT/TensorRT side "
+                        "artifacts (the default for a causal LM, whose decoders are ONNX)")
     o.add_argument("--max-perplexity-ratio", type=float, metavar="RATIO",
                    help="--auto on a causal LM: the largest perplexity ratio to the Keras model on held-out text "
                         "(default 1.01)")

@@ -109,7 +109,8 @@ class OnnxDecoderStep(_DecoderStepBase):
     Args:
         opset: ONNX opset.
         graph: ``auto`` (default: the native graph written directly in ONNX with onnxruntime's fused attention
-            for GPT-2 and the Llama class; every other model traced through its keras-hub layers), ``native`` or
+            for GPT-2 and the Llama class, the traced graph where the native builder refuses a model of those
+            classes; the decoder step takes GPT-2, Llama, Llama 3, Mistral and Qwen), ``native`` or
             ``keras-layers`` (see :func:`tfaccel.onnx.decoder_export.export_decoder`; TensorRT needs the latter).
         check_new_tokens: new tokens per sample prompt for the agreement check.
         min_token_agreement: the lowest teacher-forced next-token agreement with keras-hub allowed (default
@@ -236,6 +237,9 @@ class OrtDecoderInt4Step(_DecoderStepBase):
         block_size: input rows per 4-bit block (16-256, default 32).
         symmetric: symmetric blocks without zero points (default).
         accuracy_level: MatMulNBits compute type (4: int8 activations, the fastest on x86).
+        head_bits: the LM head's bits, 8 (default: the head, or the tied embedding table it shares, stays
+            8-bit beside 4-bit weights; it sets every next-token logit) or 4 (every weight 4-bit).
+        head_block_size: the LM head's block (default ``block_size``).
         min_token_agreement: lowest teacher-forced next-token agreement allowed (default None: reported only).
         min_next_token_cosine: lowest next-token logits cosine allowed (default 0.9; measured 0.957 on
             gpt2-small with random weights, block 32).
@@ -249,24 +253,32 @@ class OrtDecoderInt4Step(_DecoderStepBase):
     default_min_token_agreement = None
     default_min_next_token_cosine = 0.9
 
-    def __init__(self, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4, **kwargs):
+    def __init__(self, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4, head_bits: int = 8,
+                 head_block_size: int | None = None, **kwargs):
         super().__init__(**kwargs)
         from tfaccel.onnx.decoder_quantize import NBITS_BLOCK_SIZES
 
         if block_size not in NBITS_BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {NBITS_BLOCK_SIZES}. Received: block_size={block_size!r}")
+        if head_bits not in (4, 8):
+            raise ValueError(f"head_bits must be 4 or 8. Received: head_bits={head_bits!r}")
+        if head_block_size is not None and head_block_size not in NBITS_BLOCK_SIZES:
+            raise ValueError(f"head_block_size must be one of {NBITS_BLOCK_SIZES}. "
+                             f"Received: head_block_size={head_block_size!r}")
         self.block_size, self.symmetric, self.accuracy_level = block_size, bool(symmetric), accuracy_level
+        self.head_bits, self.head_block_size = head_bits, head_block_size
 
     def params(self):
         return {"block_size": self.block_size, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
-                **self._base_params()}
+                "head_bits": self.head_bits, "head_block_size": self.head_block_size, **self._base_params()}
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         from tfaccel.onnx.decoder_quantize import quantize_decoder_int4
 
-        ctx.log(f"  int4 weight-only (MatMulNBits, block {self.block_size})")
+        ctx.log(f"  int4 weight-only (MatMulNBits, block {self.block_size}; LM head {self.head_bits}-bit)")
         info = quantize_decoder_int4(artifact.path, ctx.stage_dir, block_size=self.block_size,
-                                     symmetric=self.symmetric, accuracy_level=self.accuracy_level)
+                                     symmetric=self.symmetric, accuracy_level=self.accuracy_level,
+                                     head_bits=self.head_bits, head_block_size=self.head_block_size)
         kept = info.get("already_quantized", 0)
         ctx.note(f"{info['matmuls_quantized']} float weight products int4 (block {self.block_size}, round to nearest)"
                  f"{f'; {kept} already quantized kept' if kept else ''}"

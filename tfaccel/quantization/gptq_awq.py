@@ -287,14 +287,22 @@ class _CalibratedQuantizeStep(Step):
         if get is None or get(self.mode) is None:
             raise StepError(f"Step '{self.name}': {type(source.model).__name__} does not declare the layer structure "
                             f"Keras' {self.mode.upper()} walks (get_quantization_layer_structure).")
-        calibration_windows(source, self.quality_windows)  # fails now, before any work, without text
+        calibration_windows(source, self._scored_windows())  # fails now, before any work, without text
+
+    def _scored_windows(self) -> int:
+        """How many leading held-out windows quality checks score: this step's own, and at least the default
+        count a later step or ``--auto`` scores the chain's result on (a step inside an --auto chain has
+        ``quality_windows=0`` but its decoder is scored on the first DEFAULT_EVAL_WINDOWS)."""
+        from tfaccel.generation.quality import DEFAULT_EVAL_WINDOWS
+
+        return max(self.quality_windows or 0, DEFAULT_EVAL_WINDOWS)
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         import time
 
         from tfaccel.generation.quality import keras_forward_logits, validate_quality
 
-        windows, how = calibration_windows(ctx.source, self.quality_windows)
+        windows, how = calibration_windows(ctx.source, self._scored_windows())
         n = min(self.num_samples, len(windows))
         ctx.log(f"  Keras {self.mode.upper()} on {n} windows of {windows.shape[1]} tokens")
         t0 = time.perf_counter()
