@@ -83,9 +83,9 @@ def test_without_text_gptq_is_not_a_candidate_and_bad_options_are_named(gpt2_tin
     with pytest.raises(PlanError, match="exceed the model's maximum length 64"):
         optimize_causal_lm(gpt2_tiny, tmp_path / "a", shapes=[(1, 32, 40)])
     with pytest.raises(PlanError, match="Unknown causal-LM recipe 'xla'"):
-        optimize_causal_lm(gpt2_tiny, tmp_path / "b", recipes=["xla"])
+        optimize_causal_lm(gpt2_tiny, tmp_path / "b", shapes=[(1, 8, 4)], recipes=["xla"])
     with pytest.raises(PlanError, match="max_kl must be a number"):
-        optimize_causal_lm(gpt2_tiny, tmp_path / "c", max_kl=-1)
+        optimize_causal_lm(gpt2_tiny, tmp_path / "c", shapes=[(1, 8, 4)], max_kl=-1)
     rep = optimize_causal_lm(gpt2_tiny, tmp_path / "d", shapes=[(1, 8, 4)], recipes=["gptq-decoder", "generate"],
                              time_budget_s=None, runs=3, memory=False, log=lambda m: None)
     rows = {c.name: c for c in rep.candidates}

@@ -138,15 +138,14 @@ class GenerationAutoReport(AutoReport):
         return generation_markdown(self)
 
     def write(self, folder: str | Path) -> None:
-        import json
-
-        from tfaccel.auto.auto_report import _json_default
+        """Write report.json (strict JSON), report.md and the plot into ``folder`` (each atomically)."""
         from tfaccel.core.files import atomic_file
+        from tfaccel.core.report import report_json
 
         folder = Path(folder)
         self.plot = write_generation_plot(self, folder / PLOT_NAME)
         with atomic_file(folder / "report.json") as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+            tmp.write_text(report_json(self.to_dict()))
         with atomic_file(folder / "report.md") as tmp:
             tmp.write_text(self.to_markdown())
 
@@ -313,8 +312,10 @@ def _plan(source, report, shapes, formats, recipes, caps) -> list[tuple[str, lis
             cand.status, cand.reason = NOT_A_CANDIDATE, reason
             continue
         try:
+            # plan() checks every step here; the export it appends after a chain of side artifacts (a decoder
+            # leaves the Keras model the latest model) is not part of a generation candidate
             steps = Pipeline(steps, shapes=[(b, p) for b, p, _ in shapes], measure=False,
-                             log=lambda _m: None).plan(source)
+                             log=lambda _m: None).plan(source)[:len(steps)]
         except TfaccelError as exc:
             cand.status, cand.reason = NOT_A_CANDIDATE, f"cannot run here: {first_line(exc)}"
             continue
