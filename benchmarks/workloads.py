@@ -112,6 +112,7 @@ class BuildContext:
     log: Callable[[str], None]
     shapes: Sequence[tuple[int, int]] = ((1, 16),)  # checked by Pipeline.plan (e.g. against max length)
     step_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    cache: dict[Any, Any] = dataclasses.field(default_factory=dict)  # what rows build once per workload (the --auto run)
     _builder: Any = None
 
     def make_step(self, name: str):

@@ -113,11 +113,15 @@ class AutoReport:
     def write(self, folder: str | Path) -> None:
         """Write report.json, report.md and the plot into ``folder`` (each atomically)."""
         folder = Path(folder)
-        self.plot = write_plot(self, folder / PLOT_NAME)
+        self.plot = self.write_plot(folder)
         with atomic_file(folder / "report.json") as tmp:
             tmp.write_text(report_json(self.to_dict()))
         with atomic_file(folder / "report.md") as tmp:
             tmp.write_text(self.to_markdown())
+
+    def write_plot(self, folder: Path) -> str | None:
+        """The report's plot in ``folder`` (latency against accuracy, PLOT_NAME); returns its file name."""
+        return write_plot(self, folder / PLOT_NAME)
 
     def to_markdown(self) -> str:
         return to_markdown(self)

@@ -137,17 +137,9 @@ class GenerationAutoReport(AutoReport):
     def to_markdown(self) -> str:
         return generation_markdown(self)
 
-    def write(self, folder: str | Path) -> None:
-        """Write report.json (strict JSON), report.md and the plot into ``folder`` (each atomically)."""
-        from tfaccel.core.files import atomic_file
-        from tfaccel.core.report import report_json
-
-        folder = Path(folder)
-        self.plot = write_generation_plot(self, folder / PLOT_NAME)
-        with atomic_file(folder / "report.json") as tmp:
-            tmp.write_text(report_json(self.to_dict()))
-        with atomic_file(folder / "report.md") as tmp:
-            tmp.write_text(self.to_markdown())
+    def write_plot(self, folder: Path) -> str | None:
+        """Tokens/s against the perplexity ratio in ``folder`` (:func:`write_generation_plot`, PLOT_NAME)."""
+        return write_generation_plot(self, folder / PLOT_NAME)
 
 
 def _log_default(msg: str) -> None:
