@@ -185,21 +185,29 @@ def to_markdown(report: AutoReport) -> str:
         "cosine are against the reference (the model as it came in); cosine is the lowest per-sample cosine "
         "similarity on the sample inputs.",
     ]
+    return "\n".join(lines + markdown_tail(report, "latency vs accuracy"))
+
+
+def markdown_tail(report: AutoReport, plot_title: str) -> list[str]:
+    """The end of every --auto report.md: the run's and the candidates' notes, the plot, and what it was
+    measured with (versions, CPU, cores, GPUs, total time)."""
+    lines = []
     notes = [("run", n) for n in report.run_notes] + [(c.name, n) for c in report.candidates for n in c.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {name}: {n}" for name, n in notes]
     if report.plot:
-        lines += ["", f"![latency vs accuracy]({report.plot})"]
+        lines += ["", f"![{plot_title}]({report.plot})"]
     caps = report.capabilities
     budget = f"; time budget {report.time_budget_s:.0f}s" if report.time_budget_s is not None else ""
+    runtimes = f", onnxruntime {caps.get('onnxruntime')}" if caps.get("onnxruntime") else ""
     lines += [
         "",
-        f"Measured with TensorFlow {caps.get('tensorflow')}, Keras {caps.get('keras')} on {caps.get('cpu')} "
+        f"Measured with TensorFlow {caps.get('tensorflow')}, Keras {caps.get('keras')}{runtimes} on {caps.get('cpu')} "
         f"({caps.get('cpu_count')} cores; GPUs: {', '.join(caps.get('gpus') or []) or 'none'}). "
         f"Total run time {report.total_seconds:.0f}s{budget}.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def write_plot(report: AutoReport, path: str | Path) -> str | None:

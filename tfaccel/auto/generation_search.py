@@ -39,6 +39,7 @@ from tfaccel.auto.auto_report import (
     NOT_TRIED,
     AutoCandidate,
     AutoReport,
+    markdown_tail,
     save_plot,
 )
 from tfaccel.auto.rank import score_and_number
@@ -494,17 +495,7 @@ def generation_markdown(report: GenerationAutoReport) -> str:
               "/ the median generation's wall time; candidates are ranked by the geometric mean of their speed-ups. "
               "Perplexity ratio, KL divergence and same top token are against the Keras model on held-out text; "
               "memory is a fresh process loading the artifact and generating once at the first shape."]
-    notes = [("run", n) for n in report.run_notes] + [(c.name, n) for c in report.candidates for n in c.notes]
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {name}: {n}" for name, n in notes]
-    if report.plot:
-        lines += ["", f"![tokens/s vs perplexity ratio]({report.plot})"]
-    caps = report.capabilities
-    budget = f"; time budget {report.time_budget_s:.0f}s" if report.time_budget_s is not None else ""
-    lines += ["", f"Measured with TensorFlow {caps.get('tensorflow')}, Keras {caps.get('keras')}, onnxruntime "
-              f"{caps.get('onnxruntime')} on {caps.get('cpu')} ({caps.get('cpu_count')} cores). Total run time "
-              f"{report.total_seconds:.0f}s{budget}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + markdown_tail(report, "tokens/s vs perplexity ratio"))
 
 
 def write_generation_plot(report: GenerationAutoReport, path: str | Path) -> str | None:
