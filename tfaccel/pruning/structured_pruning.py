@@ -201,6 +201,17 @@ def _norms(kernel, axis: int) -> np.ndarray:
     return np.linalg.norm(np.asarray(kernel.numpy(), dtype=np.float64), axis=axis)
 
 
+def _importance_method(method: str | None, inputs) -> str:
+    """The ranking method of the importance functions: ``activation`` (needs calibration inputs) or
+    ``weight``; None picks ``activation`` when there are inputs."""
+    method = method or ("activation" if inputs is not None else "weight")
+    if method not in ("activation", "weight"):
+        raise ValueError(f"method must be 'activation' or 'weight'. Received: method={method!r}")
+    if method == "activation" and inputs is None:
+        raise ValueError("method='activation' needs calibration inputs; pass inputs=... or use method='weight'.")
+    return method
+
+
 def feedforward_importance(model, inputs: dict[str, np.ndarray] | None = None, *, method: str | None = None,
                            batch_size: int = 16) -> list[np.ndarray]:
     """Importance of every feed-forward unit of every distinct transformer layer (higher = keep).
@@ -218,11 +229,7 @@ def feedforward_importance(model, inputs: dict[str, np.ndarray] | None = None, *
     Example:
         >>> scores = feedforward_importance(model, calibration_inputs)  # doctest: +SKIP
     """
-    method = method or ("activation" if inputs is not None else "weight")
-    if method not in ("activation", "weight"):
-        raise ValueError(f"method must be 'activation' or 'weight'. Received: method={method!r}")
-    if method == "activation" and inputs is None:
-        raise ValueError("method='activation' needs calibration inputs; pass inputs=... or use method='weight'.")
+    method = _importance_method(method, inputs)
     ff = feedforward_layers(model)
     out_norms = [_norms(f.down.kernel, axis=1) for f in ff]
     if method == "weight":
@@ -461,11 +468,7 @@ def head_importance(model, inputs: dict[str, np.ndarray] | None = None, *, metho
         >>> head_importance(model, method="weight")[0].shape  # doctest: +SKIP
         (4,)
     """
-    method = method or ("activation" if inputs is not None else "weight")
-    if method not in ("activation", "weight"):
-        raise ValueError(f"method must be 'activation' or 'weight'. Received: method={method!r}")
-    if method == "activation" and inputs is None:
-        raise ValueError("method='activation' needs calibration inputs; pass inputs=... or use method='weight'.")
+    method = _importance_method(method, inputs)
     layers = attention_heads(model)
 
     def per_head(dense, heads, side):
