@@ -1,6 +1,7 @@
 """TensorRT routes, everything that runs without a GPU: profiles and configs from a real model source,
 the ONNX graphs TensorRT gets (fp16, int8 Q/DQ) checked in onnxruntime, the TensorRT 10/11 API choice,
-and the errors a user meets where TF-TRT, the `tensorrt` package or a GPU is missing.
+and the errors a user meets where TF-TRT, the `tensorrt` package or a GPU is missing. Their accuracy on
+minilm-bbc is checked in test_minilm_bbc.py, on the ONNX graph of that file's shared run.
 
 GPU tests (engines built and run, TF-TRT) are in test_tensorrt_gpu.py."""
 
@@ -346,35 +347,3 @@ def test_cuda_errors_name_the_call():
     # cudaErrorInsufficientDriver/NoDevice; either way the message names the call and CUDA's error.
     with pytest.raises(StepError, match=r"CUDA call cudaSetDevice\(1000000\) failed: cudaError\w+ \("):
         cuda_check(cudart.cudaSetDevice(1_000_000), "cudaSetDevice(1000000)")
-
-
-@pytest.mark.large
-def test_fp16_and_int8_onnx_keep_accuracy_on_held_out_bbc_news(minilm_bbc, tmp_path):
-    """The graphs TensorRT 11 builds from (fp16 ONNX, int8 Q/DQ ONNX) keep the real classifier's accuracy.
-    int8 is calibrated on BBC training articles, as a user would, and scored on the 200 held-out ones."""
-    import keras_hub
-
-    from tfaccel.core.validation import classification_accuracy
-    from tfaccel.examples import bbc_news
-    from tfaccel.examples.builders import MINILM_SEQ, minilm_dir
-    from tfaccel.export import export_saved_model
-    from tfaccel.onnx import convert_saved_model
-
-    export_saved_model(minilm_bbc.model, tmp_path / "sm")
-    fp32 = convert_saved_model(tmp_path / "sm", tmp_path / "model.onnx")
-    fp16 = convert_onnx_to_fp16(fp32, tmp_path / "model.fp16.onnx")
-    (train_x, _), _ = bbc_news.split()
-    pre = keras_hub.models.BertTextClassifierPreprocessor.from_preset(minilm_dir(), sequence_length=MINILM_SEQ)
-    train = {k: np.asarray(v).astype("int32") for k, v in pre(train_x[:32]).items()}
-    int8 = quantize_onnx_qdq_int8(fp32, tmp_path / "model.int8.onnx",
-                                  representative_batches(minilm_bbc, 32, 8, inputs=train))
-    ev, labels = minilm_bbc.eval_inputs, minilm_bbc.eval_labels
-    acc = {name: classification_accuracy(OnnxRunner(p), ev, labels) for name, p in
-           (("fp32", fp32), ("fp16", fp16), ("int8", int8))}
-    print("held-out accuracy of the ONNX graphs:", acc)
-    assert acc["fp32"] >= 0.90
-    assert acc["fp16"] >= acc["fp32"] - TensorRTStep("fp16").tolerance.max_accuracy_drop
-    assert acc["int8"] >= acc["fp32"] - TensorRTStep("int8").tolerance.max_accuracy_drop
-    x = {k: v[:16] for k, v in ev.items()}
-    a, b = OnnxRunner(fp32)(x)["logits"], OnnxRunner(fp16)(x)["logits"]
-    assert _cosine(a, b).min() >= TensorRTStep("fp16").tolerance.min_cosine
