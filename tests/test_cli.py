@@ -4,10 +4,18 @@ import pytest
 from conftest import run_cli
 
 
-def test_optimize_export_end_to_end(tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    """`tfaccel optimize bert-tiny --steps export,onnx,ort-int8`, once: its SavedModel and ONNX file are also
+    what `tfaccel bench` measures below."""
+    out = tmp_path_factory.mktemp("cli") / "out"
     proc = run_cli("optimize", "bert-tiny", "--steps", "export,onnx,ort-int8", "--out", str(out),
                    "--shape", "1x16", "--runs", "3")
+    return out, proc
+
+
+def test_optimize_export_end_to_end(optimized):
+    out, proc = optimized
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 1 | export | saved_model |" in proc.stdout  # the report table is printed
     assert "[1/3] export" in proc.stderr  # progress
@@ -36,10 +44,10 @@ def test_bad_input_gets_one_clear_error_and_non_zero_exit(tmp_path, args, messag
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_bench_measures_a_saved_model_and_an_onnx_file(tmp_path):
-    proc = run_cli("optimize", "bert-tiny", "--steps", "export,onnx", "--out", str(tmp_path / "o"), "--no-measure")
+def test_bench_measures_a_saved_model_and_an_onnx_file(optimized):
+    out, proc = optimized
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for target in (tmp_path / "o" / "saved_model", tmp_path / "o" / "stages" / "02-onnx" / "model.onnx"):
+    for target in (out / "saved_model", out / "stages" / "02-onnx" / "model.onnx"):
         proc = run_cli("bench", str(target), "--shape", "2x16", "--runs", "3", "--json")
         assert proc.returncode == 0, proc.stderr[-2000:]
         m = json.loads(proc.stdout)["measurements"][0]
