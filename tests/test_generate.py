@@ -21,10 +21,23 @@ def gen_model(gpt2_tiny, tmp_path_factory, request):
     return path
 
 
+_LOADED: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_loaded():
+    yield
+    _LOADED.clear()
+
+
 def _call(path, signature, **kw):
+    """Call a signature of the SavedModel, loaded once per module (and XLA-compiled once per shape): calls
+    on one loaded object must also agree with each other (the sampler is stateless, seeded by its input)."""
     import tensorflow as tf
 
-    fn = tf.saved_model.load(str(path)).signatures[signature]
+    if str(path) not in _LOADED:
+        _LOADED[str(path)] = tf.saved_model.load(str(path))
+    fn = _LOADED[str(path)].signatures[signature]
     out = fn(**{k: tf.constant(v) for k, v in kw.items()})
     return out["token_ids"].numpy(), out["lengths"].numpy()
 
