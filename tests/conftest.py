@@ -38,14 +38,30 @@ def bert_tiny():
 
 
 @pytest.fixture(scope="session")
-def onnx_model(bert_tiny, tmp_path_factory):
-    """bert-tiny exported and converted to ONNX (opset 17) once per session; tests only read it."""
+def bert_tiny_saved_model(bert_tiny, tmp_path_factory) -> Path:
+    """bert-tiny through export_saved_model (what the export step writes), once per session; tests only read it."""
     from tfaccel.export import export_saved_model
+
+    return Path(export_saved_model(bert_tiny.model, tmp_path_factory.mktemp("bert_tiny_export") / "sm"))
+
+
+@pytest.fixture(scope="session")
+def bert_tiny_xla(bert_tiny, tmp_path_factory) -> tuple[Path, dict]:
+    """bert-tiny through write_xla_saved_model with prompt buckets 16 and 32, once per session: (path, info)."""
+    from tfaccel.xla import write_xla_saved_model
+
+    path = tmp_path_factory.mktemp("bert_tiny_xla") / "sm"
+    info = write_xla_saved_model(bert_tiny.model, path, buckets=(16, 32))
+    return path, info
+
+
+@pytest.fixture(scope="session")
+def onnx_model(bert_tiny_saved_model, tmp_path_factory):
+    """bert-tiny exported and converted to ONNX (opset 17) once per session; tests only read it."""
     from tfaccel.onnx import convert_saved_model
 
     d = tmp_path_factory.mktemp("bert_tiny_onnx")
-    export_saved_model(bert_tiny.model, d / "sm")
-    return convert_saved_model(d / "sm", d / "model.onnx", opset=17)
+    return convert_saved_model(bert_tiny_saved_model, d / "model.onnx", opset=17)
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,8 @@ from tfaccel.servable import ServabilityError, check_servable
 
 
 @pytest.fixture(scope="module")
-def exported(bert_tiny, tmp_path_factory):
-    path = tmp_path_factory.mktemp("export") / "sm"
-    export_saved_model(bert_tiny.model, path)
-    return path
+def exported(bert_tiny_saved_model):
+    return bert_tiny_saved_model
 
 
 def test_signature_has_named_inputs_with_dynamic_batch_and_sequence(exported):

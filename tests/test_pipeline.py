@@ -116,15 +116,13 @@ def test_existing_output_is_kept_on_failure_and_replaced_on_success(bert_tiny, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_saved_model_source_runs_conversion_steps(bert_tiny, tmp_path):
+def test_saved_model_source_runs_conversion_steps(bert_tiny_saved_model, tmp_path):
     from tfaccel import load_source
-    from tfaccel.export import export_saved_model
 
-    export_saved_model(bert_tiny.model, tmp_path / "sm")
-    src = load_source(str(tmp_path / "sm"))
+    src = load_source(str(bert_tiny_saved_model))  # export_saved_model(bert_tiny.model, ...)
     report = Pipeline(["onnx"], **FAST).run(src, tmp_path / "out")
     assert report.stage("onnx").comparison["max_abs_diff"] < 1e-4
-    assert report.final_saved_model == str(tmp_path / "sm")  # conversion only: the source stays the SavedModel
+    assert report.final_saved_model == str(bert_tiny_saved_model)  # conversion only: the source stays the SavedModel
     with pytest.raises(PlanError, match="needs a Keras model"):
         Pipeline([ScaleHeadStep()], **FAST).plan(src)
 

@@ -18,10 +18,8 @@ from conftest import run_python
 from tfaccel import Pipeline, load_source
 from tfaccel.core.artifact import KerasRunner, SavedModelRunner
 from tfaccel.core.validation import compare_outputs
-from tfaccel.export import export_saved_model
 from tfaccel.saved_model import stored_values, write_saved_model
 from tfaccel.servable import check_servable
-from tfaccel.xla import write_xla_saved_model
 from tfaccel.xla.xla_export import write_xla_saved_model_from_saved_model
 
 
@@ -35,9 +33,10 @@ def _xla_functions(saved_model_dir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def written(bert_tiny, tmp_path_factory):
-    """bert-tiny as tfaccel writes it: export, xla, int8 (as the int8 step writes it); with the model
-    each was written from, the tolerance of its step and a plain Keras model.export."""
+def written(bert_tiny, bert_tiny_saved_model, bert_tiny_xla, tmp_path_factory):
+    """bert-tiny as tfaccel writes it: export (export_saved_model), xla (write_xla_saved_model, buckets 16 and
+    32), both the session's shared copies, and int8 (as the int8 step writes it); with the model each was
+    written from, the tolerance of its step and a plain Keras model.export."""
     from tfaccel.quantization import QuantizationConfig
     from tfaccel.quantization.int8_kernels import int8_kernels
     from tfaccel.quantization.int8_step import INT8_TOLERANCE
@@ -45,16 +44,14 @@ def written(bert_tiny, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("written")
     model = bert_tiny.model
-    export_saved_model(model, d / "export")
-    write_xla_saved_model(model, d / "xla", buckets=(16, 32))
     qmodel, _ = quantize_model(model, QuantizationConfig("int8"), copy=True)
     with int8_kernels(qmodel, "xla"):
         write_saved_model(qmodel, d / "int8", jit_compile=True)
     model.export(str(d / "model_export"), format="tf_saved_model", verbose=False)
     return {
         # name -> (folder, model written, tolerance vs the float Keras model: the step's default_tolerance)
-        "export": (d / "export", model, 1e-4),
-        "xla": (d / "xla", model, 1e-3),
+        "export": (bert_tiny_saved_model, model, 1e-4),
+        "xla": (bert_tiny_xla[0], model, 1e-3),
         "int8": (d / "int8", qmodel, INT8_TOLERANCE),
         "model_export": d / "model_export",
     }

@@ -57,11 +57,8 @@ def test_hugging_face_folder_of_real_minilm_loads():
     assert src.vocab_size == 30522
 
 
-def test_saved_model_folder_is_a_source(bert_tiny, tmp_path):
-    from tfaccel.export import export_saved_model
-
-    export_saved_model(bert_tiny.model, tmp_path / "sm")
-    src = load_source(str(tmp_path / "sm"))
+def test_saved_model_folder_is_a_source(bert_tiny, bert_tiny_saved_model):
+    src = load_source(str(bert_tiny_saved_model))  # export_saved_model(bert_tiny.model, ...)
     assert src.kind == "saved_model" and sorted(src.input_names) == sorted(bert_tiny.input_names)
     assert src.sample_inputs["token_ids"].shape[0] == 8
 
