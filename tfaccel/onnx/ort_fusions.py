@@ -49,15 +49,15 @@ def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.Pat
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # "Model producer not matched"
-    before = len(onnx.load(str(onnx_path), load_external_data=False).graph.node)
     fused: dict = {}
     skipped: dict[str, str] = {}
     # Each library's fusions are pattern matchers written for other exporters' graphs; on a graph they were
     # not written for they can raise (onnxruntime 1.2x's simplified-layer-norm fusion indexes a NodeProto on
     # Gemma3's tf2onnx graph). A fusion that raises is skipped and named; the graph it was given is kept.
-    proto = onnx.load(str(onnx_path))
+    proto = onnx.load(str(onnx_path))  # read once: the node count, onnxscript's input and the fallback
+    before = len(proto.graph.node)
     try:
-        model, counts = optimize_for_ort(ir.load(str(onnx_path)))
+        model, counts = optimize_for_ort(ir.from_proto(proto))
         result = ir.to_proto(model)
         # onnxscript 0.7's optimizer can write opset-18 attributes into an opset-17 graph (Split num_outputs,
         # seen on Gemma3's graph): a result onnxruntime cannot load is not kept.
