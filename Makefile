@@ -31,11 +31,14 @@ demo: $(STAMP)
 	@sed -n '/^\*\*Winner/p; /^| rank |/,/^$$/p' demo-out/report.md
 
 # The suite in TEST_WORKERS processes (pytest-xdist), a file per worker at a time so module fixtures are built
-# once; the notebooks first, as they are the longest items. The first worker that needs minilm-bbc builds it,
-# the other waits for that build (a lock in the cache). TEST_WORKERS=1 runs it in one process.
+# once, longest file first (the order is tests/conftest.py's FILE_SECONDS; --no-loadscope-reorder keeps it, where
+# xdist would order files by their number of tests). The first worker that needs minilm-bbc builds it, another
+# that needs it meanwhile waits for that build (a lock in the cache). Each worker's TensorFlow gets its share of
+# the cores (tests/conftest.py). TEST_WORKERS=1 runs it in one process.
 TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(PY) -m pytest --nbmake --nbmake-timeout=1200 notebooks tests -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0 \
+	$(PY) -m pytest --nbmake --nbmake-timeout=1200 notebooks tests $(XDIST) --max-worker-restart=0 \
 		-p no:cacheprovider --durations=30
 
 # The hardware-dependent tests again, deciding as an AVX2-only CPU (AMD Zen 3) would: tfaccel's ISA cap and
@@ -46,7 +49,7 @@ AVX2_ENV := TFACCEL_CPU_ISA=avx2 XLA_FLAGS=--xla_cpu_max_isa=AVX2
 test-avx2: $(STAMP)
 	$(AVX2_ENV) $(PY) -m pytest tests/test_cpu_paths.py tests/test_quantization.py tests/test_onnx.py tests/test_openvino.py \
 		tests/test_precision.py tests/test_tensorrt.py tests/test_auto.py -m "not large" -p no:cacheprovider \
-		-n $(TEST_WORKERS) --dist loadfile
+		$(XDIST)
 
 # Unit tests only (no real-model or notebook tests): a quick check while developing.
 test-fast: $(STAMP)

@@ -17,11 +17,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 # Built examples are cached in the repo's .cache unless the caller chose a cache.
 os.environ.setdefault("TFACCEL_CACHE", str(REPO / ".cache"))
+# Several test workers (pytest-xdist) share the cores: TensorFlow's intra-op pool in each worker, and in every
+# process a test starts, gets its share of them instead of one thread per core. Set before TensorFlow starts, and
+# inherited by child processes. Measured on 2 cores (AMD Zen 4) with two workers, one fine-tuning MiniLM, the
+# other running tests/test_quantization.py: default pools 2.37 s/step and 110 s; one thread each 1.82 s/step and
+# 93 s (2026-12-06). Speed itself is measured in benchmarks/, never in these tests.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+# Files in the order the workers take them (pytest-xdist --dist loadfile --no-loadscope-reorder, see the
+# Makefile): longest first, so that no long file starts last while the other worker idles, and the file that
+# builds minilm-bbc (test_pruning_structured, at its large tests) starts first while the other worker runs long
+# files that do not need it. Seconds per file measured with --durations=0 on 2 cores (2026-12-06); files not
+# listed follow in collection order. A stale figure only costs balance, never a test.
+FILE_SECONDS = {
+    "tests/test_pruning_structured.py": 572, "tests/test_families.py": 404, "tests/test_quantization.py": 316,
+    "tests/test_benchmarks.py": 211, "tests/test_minilm_bbc.py": 164, "tests/test_distribute_training.py": 162,
+    "notebooks/quickstart.ipynb": 121, "tests/test_auto.py": 118, "tests/test_generation_quality.py": 117,
+    "notebooks/quantization.ipynb": 96, "notebooks/mixed_precision_xla.ipynb": 81, "tests/test_openvino.py": 78,
+    "tests/test_saved_model.py": 75, "notebooks/pruning.ipynb": 75, "notebooks/distributed.ipynb": 72,
+    "tests/test_cli.py": 67, "tests/test_pruning.py": 65, "tests/test_hardening.py": 59, "tests/test_xla.py": 59,
+    "tests/test_cpu_paths.py": 53, "tests/test_auto_generation.py": 49, "tests/test_precision.py": 47,
+    "tests/test_generate.py": 42, "tests/test_distribute.py": 37, "tests/test_branches.py": 33,
+    "tests/test_pipeline.py": 27, "tests/test_onnx_decoder.py": 24, "tests/test_eval_data.py": 21,
+}
 
 
 def pytest_collection_modifyitems(config, items):
     from tfaccel.compat import gpu_devices
 
+    def file_of(item):
+        return Path(str(item.fspath)).resolve().relative_to(REPO).as_posix()
+
+    # A stable sort: a file's own tests keep their order (module fixtures are built once per file and worker).
+    items.sort(key=lambda item: -FILE_SECONDS.get(file_of(item), 0))
     if gpu_devices():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU visible to TensorFlow; this machine has none")

@@ -76,9 +76,9 @@ def test_every_available_step_has_a_row(bench):
     from tfaccel import available_steps
 
     _, results, _ = bench
-    for w in results["workloads"].values():
-        used = {s for r in w["rows"] for s in r["steps"]}
-        assert set(available_steps()) <= used
+    # quick mode runs every serving row on minilm-bbc's stand-in; gpt2-small's adds the generation rows
+    used = {s for r in results["workloads"]["minilm-bbc"]["rows"] for s in r["steps"]}
+    assert set(available_steps()) <= used, sorted(set(available_steps()) - used)
 
 
 def test_fp32_rows_match_keras(bench):
