@@ -47,8 +47,9 @@ def test_avx2_cpu_without_onednn_int8_or_bf16_gets_no_such_candidates():
     assert run[0] == "export"  # the baseline, always first
     assert {"xla", "int8-xla", "int8-keras", "onnx", "ort-int8"} <= set(run)
     assert "mixed_bfloat16" not in run and "int8-onednn" not in run and "mixed_float16" not in run
+    assert "int8-by-batch" not in run  # half of it is the oneDNN form
     assert "bfloat16" in _reason(plan, "mixed_bfloat16")
-    assert "onednn" in _reason(plan, "int8-onednn")
+    assert "onednn" in _reason(plan, "int8-onednn") and "onednn" in _reason(plan, "int8-by-batch")
     assert "GPU" in _reason(plan, "tensorrt-fp16")
     assert ort == {"per_channel": True, "reduce_range": True}  # no VNNI: 7-bit weights
 
@@ -59,7 +60,7 @@ def test_avx512_bf16_cpu_with_onednn_int8_gets_them():
         plan = plan_candidates(caps, formats="all")
         ort = _ort_options(plan)
     run = _runnable(plan)
-    assert {"mixed_bfloat16", "int8-onednn", "int8-xla"} <= set(run)
+    assert {"mixed_bfloat16", "int8-onednn", "int8-xla", "int8-by-batch"} <= set(run)
     assert "mixed_float16" not in run  # no fp16 units on this CPU
     assert ort == {"per_channel": False, "reduce_range": False}  # VNNI: full 8-bit weights
     assert not any(name.startswith(("tensorrt", "tftrt")) for name in run)

@@ -128,15 +128,18 @@ def test_int8_kernel_forms_compute_keras_int8_math(bert_tiny):
 
 def test_int8_auto_times_the_forms_that_run_and_keeps_the_fastest(bert_tiny, tmp_path):
     from tfaccel.compat import override_capabilities
-    from tfaccel.quantization.int8_step import choose_kernel
+    from tfaccel.quantization.int8_step import by_batch_split, choose_kernel
 
     runnable = {f for f, (ok, _) in _forms_here().items() if ok}
     report = Pipeline([Int8Step()], shapes=[(1, 16), (2, 16)], measure=False, log=print).run(bert_tiny, tmp_path / "a")
     choice = report.stages[1].params["kernel_choice"]
     assert set(choice["median_ms"]) == runnable  # every form that runs here was timed, at every shape
     assert all(set(m) == {"1x16", "2x16"} for m in choice["median_ms"].values())
-    assert choice["chosen"] == choose_kernel(choice["median_ms"]) == report.stages[1].params["kernel"]
-    assert report.stages[1].params["jit_compile"] == (choice["chosen"] != "onednn")
+    # XLA fastest at batch 1 and oneDNN at batch 2 gives both forms in one SavedModel; else the fastest form
+    split = by_batch_split(choice["median_ms"])
+    want = "by-batch" if split is not None else choose_kernel(choice["median_ms"])
+    assert choice["chosen"] == want == report.stages[1].params["kernel"]
+    assert report.stages[1].params["jit_compile"] == (want not in ("onednn", "by-batch"))
     # The other branch: a CPU where oneDNN's int8 op cannot run (AVX2-only, e.g. AMD Zen 3).
     with override_capabilities(onednn_int8=False, onednn_int8_reason="no oneDNN int8 on this CPU (test)"):
         report = Pipeline([Int8Step()], shapes=[(1, 16)], measure=False, log=print).run(bert_tiny, tmp_path / "b")
@@ -150,6 +153,68 @@ def test_int8_auto_times_the_forms_that_run_and_keeps_the_fastest(bert_tiny, tmp
         assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="kernel='auto'.*jit_compile=False"):
         Int8Step(jit_compile=False)
+
+
+def test_by_batch_split_and_plan_time_refusals(bert_tiny):
+    from tfaccel.auto.plan import new_report, plan_search
+    from tfaccel.compat import override_capabilities
+    from tfaccel.quantization.int8_step import by_batch_split
+
+    assert by_batch_split({"xla": {"1x128": 9.0, "8x128": 40.0, "32x128": 300.0},
+                           "onednn": {"1x128": 12.0, "8x128": 35.0, "32x128": 200.0}}) == 1
+    assert by_batch_split({"xla": {"1x128": 9.0, "32x128": 150.0}, "onednn": {"1x128": 12.0, "32x128": 200.0}}) is None
+    # oneDNN faster at the small batch, XLA at the large one: not a split by batch size
+    assert by_batch_split({"xla": {"1x128": 12.0, "32x128": 150.0}, "onednn": {"1x128": 9.0, "32x128": 200.0}}) is None
+    assert by_batch_split({"xla": {"1x128": 9.0, "32x128": 300.0}}) is None
+    with pytest.raises(ValueError, match="xla_max_batch is an int >= 1 for kernel='by-batch'"):
+        Int8Step(kernel="xla", xla_max_batch=4)
+    with pytest.raises(ValueError, match="by-batch.*jit_compile=True"):
+        Int8Step(kernel="by-batch", jit_compile=True)
+    step = Int8Step(kernel="by-batch", xla_max_batch=4)
+    assert step.same_as_another_at([(1, 128), (32, 128)]) == ""
+    assert "the same as kernel='xla'" in step.same_as_another_at([(1, 128), (4, 128)])
+    assert "the same as kernel='onednn'" in step.same_as_another_at([(8, 128)])
+    # --auto does not build it where every shape falls on one side of the split
+    kw = dict(max_accuracy_drop=1.0, formats="savedmodel", time_budget_s=None, baseline="export")
+    report = new_report(bert_tiny, [(1, 16)], **kw)
+    planned = plan_search(bert_tiny, report, [(1, 16)], formats="savedmodel", finetune_data=None,
+                          recipes=["export", "int8-by-batch"])
+    assert [p.name for p in planned] == ["export"]
+    assert "the same as kernel='xla'" in report.candidate("int8-by-batch").reason
+    # The other branch: a CPU without oneDNN's int8 op (AVX2-only, e.g. AMD Zen 3) refuses it at plan time.
+    with override_capabilities(onednn_int8=False, onednn_int8_reason="no oneDNN int8 on this CPU (test)"):
+        report = new_report(bert_tiny, [(1, 16), (4, 16)], **kw)
+        planned = plan_search(bert_tiny, report, [(1, 16), (4, 16)], formats="savedmodel", finetune_data=None,
+                              recipes=["export", "int8-by-batch"])
+        assert [p.name for p in planned] == ["export"]
+        assert "'onednn' does not run here: no oneDNN int8" in report.candidate("int8-by-batch").reason
+        with pytest.raises(PlanError, match="kernel='by-batch' \\(its 'onednn' form\\) cannot run on this machine"):
+            Pipeline([Int8Step(kernel="by-batch")], shapes=[(1, 16)], measure=False).plan(bert_tiny)
+
+
+def test_by_batch_int8_saved_model_runs_xla_at_batch_1_and_onednn_above(bert_tiny, tmp_path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    if not _forms_here()["onednn"][0]:
+        pytest.skip("oneDNN's int8 op does not run on this CPU (AVX2-only): kernel='by-batch' is refused here, "
+                    "as test_by_batch_split_and_plan_time_refusals checks")
+    report = Pipeline([Int8Step(kernel="by-batch")], shapes=[(1, 16), (4, 16)], measure=False, log=print).run(
+        bert_tiny, tmp_path / "out")
+    stage = report.stages[1]
+    assert stage.status == "ok" and stage.params["kernel"] == "by-batch" and stage.params["xla_max_batch"] == 1
+    path = tmp_path / "out" / stage.path
+    # One SavedModel holds both forms: an XLA-marked function and oneDNN's int8 op, over one set of weights.
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    library = sm.meta_graphs[0].graph_def.library.function
+    assert any(f.attr["_XlaMustCompile"].b for f in library)
+    assert any(n.op == "QuantizedMatMulWithBiasAndDequantize" for f in library for n in f.node_def)
+    qmodel, _ = quantize_model(bert_tiny.model, "int8")
+    for batch in (1, 4):  # batch 1 takes the XLA branch, batch 4 the oneDNN one: both Keras' int8 math
+        x = bert_tiny.make_inputs(batch, 16, seed=batch)
+        want = KerasRunner(qmodel)(x)["logits"]
+        got = (check_servable(path, inputs=x)["outputs"] if batch == 1 else SavedModelRunner(str(path))(x))["logits"]
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max() + 1e-6)
 
 
 @pytest.fixture(scope="module")

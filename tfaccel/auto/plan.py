@@ -112,6 +112,10 @@ def plan_search(source: ModelSource, report: AutoReport, shapes, *, formats: str
         except TfaccelError as exc:
             cand.status, cand.reason = NOT_A_CANDIDATE, f"cannot run here: {str(exc).splitlines()[0]}"
             continue
+        same = next((why for why in (s.same_as_another_at(shapes) for s in steps) if why), "")
+        if same:
+            cand.status, cand.reason = NOT_A_CANDIDATE, same
+            continue
         # Pipeline.plan keeps the recipe's steps in order and may append an export.
         cand.steps = [specs[i].describe() if i < len(specs) else s.name for i, s in enumerate(steps)]
         planned.append(Planned(cand, steps, [step_key(s) for s in steps]))

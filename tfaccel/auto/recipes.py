@@ -150,6 +150,10 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("int8-xla", (S("int8", kernel="xla"),), "Keras int8, int8 x int8 products in XLA"),
     Recipe("int8-onednn", (S("int8", kernel="onednn"),), "Keras int8, oneDNN's int8 inner product (no XLA)"),
     Recipe("int8-keras", (S("int8", kernel="keras"),), "Keras int8, Keras' own int8 calls (comparison form)"),
+    # XLA's int8 was the faster form at batch 1, oneDNN's at batch 32 (minilm-bbc, benchmarks/RESULTS.md): one
+    # SavedModel with both, chosen by the batch size. Only a candidate where the run's shapes straddle the split.
+    Recipe("int8-by-batch", (S("int8", kernel="by-batch"),),
+           "Keras int8: XLA products at batch 1, oneDNN's int8 inner product above"),
     Recipe("mixed_bfloat16", (S("mixed_bfloat16"),), "bfloat16 compute, float32 head/softmax/norms",
            requires=(_native_half("mixed_bfloat16"),)),
     Recipe("mixed_float16", (S("mixed_float16"),), "float16 compute, float32 head/softmax/norms",
@@ -170,6 +174,8 @@ RECIPES: tuple[Recipe, ...] = (
            "half the layers removed and distilled, then int8 in XLA", needs_finetune_data=True),
     Recipe("prune-depth+int8-onednn", (_DEPTH, S("int8", kernel="onednn")),
            "half the layers removed and distilled, then int8 in oneDNN", needs_finetune_data=True),
+    Recipe("prune-depth+int8-by-batch", (_DEPTH, S("int8", kernel="by-batch")),
+           "half the layers removed and distilled, then int8: XLA at batch 1, oneDNN above", needs_finetune_data=True),
     Recipe("prune-depth+ov-int8", (_DEPTH, S("export"), S("openvino"), S("ov-int8")),
            "half the layers removed and distilled, then OpenVINO int8 (NNCF)", needs_finetune_data=True,
            format="openvino"),
@@ -180,6 +186,8 @@ RECIPES: tuple[Recipe, ...] = (
            "pruned and distilled, then int8 in XLA", needs_finetune_data=True),
     Recipe("prune-structured+int8-onednn", (S("prune-structured"), S("int8", kernel="onednn")),
            "pruned and distilled, then int8 in oneDNN", needs_finetune_data=True),
+    Recipe("prune-structured+int8-by-batch", (S("prune-structured"), S("int8", kernel="by-batch")),
+           "pruned and distilled, then int8: XLA at batch 1, oneDNN above", needs_finetune_data=True),
     Recipe("prune-structured+ov-int8", (S("prune-structured"), S("export"), S("openvino"), S("ov-int8")),
            "pruned and distilled, then OpenVINO int8 (NNCF)", needs_finetune_data=True, format="openvino"),
     Recipe("tftrt-fp16", (S("export"), S("tftrt", precision="fp16")), "TF-TRT fp16 SavedModel (NVIDIA GPU)"),

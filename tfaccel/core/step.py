@@ -122,6 +122,12 @@ class Step(abc.ABC):
         if reason:
             raise PlanError(f"Step '{self.name}' cannot run here: {reason}.")
 
+    def same_as_another_at(self, shapes) -> str:
+        """Why, at these (batch, seq) shapes, this step builds what a simpler setting of it builds (so
+        ``--auto`` need not try it), or "" (the default). E.g. int8 ``kernel="by-batch"`` when every shape
+        falls on the same side of its batch split."""
+        return ""
+
     def params(self) -> dict[str, Any]:
         """The step's settings, as recorded in the report."""
         return {}

@@ -16,7 +16,10 @@ benchmarks/RESULTS.md (rows ``tfaccel int8`` / ``tfaccel int4`` beside ``model.e
 oneDNN's int8 op does not run on AVX2-only CPUs such as AMD Zen 3) are traced on the quantized model and
 timed round-robin at the run's shapes, and the fastest is written; the report's ``kernel_choice`` holds
 the timings. "xla" runs on any TensorFlow and was the fastest at batch 1 on AVX-512; "onednn" was the
-throughput choice for large batches of large models.
+throughput choice for large batches of large models. Where the two win at different shapes (XLA at the
+small batches, oneDNN at the large ones), "auto" writes ``kernel="by-batch"``: one SavedModel holding both
+serving functions over the same int8 weights, a ``tf.cond`` on the batch size choosing between them
+(``xla_max_batch`` rows and fewer go to XLA).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from tfaccel.quantization.quantization_config import QuantizationConfig
 from tfaccel.quantization.quantization_report import QuantizationSummary
 
 #: "auto" (default): time the forms that run here at the run's shapes and keep the fastest.
-KERNEL_CHOICES = ("auto", *KERNELS)
+#: "by-batch": XLA's form up to ``xla_max_batch`` rows, oneDNN's above, in one serving function.
+BY_BATCH = "by-batch"
+KERNEL_CHOICES = ("auto", *KERNELS, BY_BATCH)
 
 # int8 weights and activations change logits by about 1%; what a user keeps is the prediction:
 # at most 1 point of accuracy on the eval split, and outputs still pointing the same way.
@@ -121,6 +126,53 @@ def choose_kernel(medians: dict[str, dict[str, float]]) -> str:
     return min(medians, key=lambda f: sum(medians[f][sh] / best[sh] for sh in shapes))
 
 
+def by_batch_split(medians: dict[str, dict[str, float]]) -> int | None:
+    """The largest batch at which "xla" is the fastest form, when "xla" wins every smaller batch and "onednn"
+    every larger one (``medians``: form -> {"BxS": ms}); None when one form wins everywhere or the winners
+    do not split by batch size.
+
+    Example:
+        >>> by_batch_split({"xla": {"1x128": 9.0, "32x128": 300.0}, "onednn": {"1x128": 12.0, "32x128": 200.0}})
+        1
+    """
+    if "xla" not in medians or "onednn" not in medians:
+        return None
+    winners = sorted((int(sh.split("x")[0]), min(medians, key=lambda f: medians[f][sh])) for sh in medians["xla"])
+    xla_batches = [b for b, w in winners if w == "xla"]
+    onednn_batches = [b for b, w in winners if w == "onednn"]
+    if not xla_batches or not onednn_batches or len(xla_batches) + len(onednn_batches) != len(winners):
+        return None
+    return max(xla_batches) if max(xla_batches) < min(onednn_batches) else None
+
+
+def write_by_batch_saved_model(qmodel, folder, xla_max_batch: int) -> list[str]:
+    """Write ``qmodel`` (Keras-quantized int8) as a SavedModel whose ``serving_default`` runs the "xla" form
+    (XLA-compiled) for batches of at most ``xla_max_batch`` rows and the "onednn" form (no XLA) for larger
+    ones. Both functions read the same int8 variables, stored once. Returns the rewritten layers' paths.
+
+    Example:
+        >>> write_by_batch_saved_model(qmodel, "out", xla_max_batch=1)  # doctest: +SKIP
+    """
+    import tensorflow as tf
+
+    from tfaccel.saved_model import keras_serving_fn, write_keras_endpoints
+
+    # Traced inside each form's context: the concrete functions keep their form (and XLA its _XlaMustCompile,
+    # which TensorFlow honours for a compiled function called from an uncompiled one, also after a reload).
+    with int8_kernels(qmodel, "xla") as rewritten:
+        small = keras_serving_fn(qmodel, jit_compile=True).get_concrete_function()
+    with int8_kernels(qmodel, "onednn"):
+        large = keras_serving_fn(qmodel, jit_compile=False).get_concrete_function()
+    signature = small.structured_input_signature[0][0]
+
+    def serve(inputs):
+        rows = tf.shape(tf.nest.flatten(inputs)[0])[0]
+        return tf.cond(rows <= xla_max_batch, lambda: small(inputs), lambda: large(inputs))
+
+    write_keras_endpoints(qmodel, folder, {"serving_default": tf.function(serve, input_signature=[signature])})
+    return rewritten
+
+
 class _KerasQuantizeStep(Step):
     consumes = "keras"
     produces = "saved_model"
@@ -174,10 +226,17 @@ class _KerasQuantizeStep(Step):
         self.summary = summary
         for line in summary.notes():
             ctx.note(line)
-        with int8_kernels(qmodel, self.kernel) as rewritten:
-            ctx.log(f"  writing SavedModel (products: {self.kernel}, jit_compile={self.jit_compile}, "
-                    f"{len(rewritten)} rewritten)")
-            write_saved_model(qmodel, ctx.stage_dir, jit_compile=self.jit_compile)
+        if self.kernel == BY_BATCH:
+            ctx.log(f"  writing SavedModel (products: xla up to batch {self.xla_max_batch}, onednn above)")
+            rewritten = write_by_batch_saved_model(qmodel, ctx.stage_dir, self.xla_max_batch)
+            ctx.note(f"int8 products: XLA-compiled at batch <= {self.xla_max_batch}, oneDNN's int8 inner product "
+                     f"above ({len(rewritten)} layers rewritten); serve it with a TensorFlow that has oneDNN "
+                     "(x86-64 Linux/Windows wheels, AVX-512)")
+        else:
+            with int8_kernels(qmodel, self.kernel) as rewritten:
+                ctx.log(f"  writing SavedModel (products: {self.kernel}, jit_compile={self.jit_compile}, "
+                        f"{len(rewritten)} rewritten)")
+                write_saved_model(qmodel, ctx.stage_dir, jit_compile=self.jit_compile)
         if self.jit_compile:
             ctx.note("the serving function is XLA-compiled: the first call at each new (batch, sequence) shape "
                      "compiles (seconds for BERT-base)")
@@ -198,10 +257,13 @@ class Int8Step(_KerasQuantizeStep):
             dot in an XLA-compiled serving function; runs on any TensorFlow),
             "onednn" (oneDNN's u8s8 int8 inner product, no XLA: fastest for large batches of a large
             model, slower than "xla" on small models; the SavedModel needs a TensorFlow with oneDNN,
-            i.e. x86-64 Linux/Windows wheels with TF_ENABLE_ONEDNN_OPTS not 0), or "keras" (Keras' own
-            int8 calls, for comparison). An explicit form this machine cannot run is refused at plan time.
+            i.e. x86-64 Linux/Windows wheels with TF_ENABLE_ONEDNN_OPTS not 0), "by-batch" ("xla" for
+            batches of up to ``xla_max_batch`` rows, "onednn" above, in one SavedModel; "auto" picks it when
+            the timed forms win at different batch sizes), or "keras" (Keras' own int8 calls, for
+            comparison). An explicit form this machine cannot run is refused at plan time.
         jit_compile: XLA-compile the serving function. Default: False for "onednn" (XLA cannot
-            compile oneDNN's quantized op), True otherwise.
+            compile oneDNN's quantized op), True otherwise; not an option for "auto" and "by-batch".
+        xla_max_batch: with "by-batch", the largest batch that runs the XLA form (default 1).
         layer_types, include, exclude, keep_head, weight_only: shortcuts for the config fields.
 
     Example:
@@ -213,18 +275,28 @@ class Int8Step(_KerasQuantizeStep):
     mode = "int8"
     default_tolerance = INT8_TOLERANCE
 
-    def __init__(self, config=None, *, kernel: str = "auto", jit_compile: bool | None = None, **kwargs):
+    def __init__(self, config=None, *, kernel: str = "auto", jit_compile: bool | None = None,
+                 xla_max_batch: int | None = None, **kwargs):
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"kernel must be one of {KERNEL_CHOICES}. Received: kernel={kernel!r}")
+        if xla_max_batch is not None and (kernel != BY_BATCH or isinstance(xla_max_batch, bool)
+                                          or not isinstance(xla_max_batch, int) or xla_max_batch < 1):
+            raise ValueError(f"xla_max_batch is an int >= 1 for kernel='by-batch'. Received: "
+                             f"xla_max_batch={xla_max_batch!r} with kernel={kernel!r}")
+        if kernel == BY_BATCH and jit_compile is not None:
+            raise ValueError("kernel='by-batch' XLA-compiles its small-batch function only. Received: "
+                             f"jit_compile={jit_compile!r}; leave it unset.")
         if kernel == "onednn" and jit_compile:
             raise ValueError("kernel='onednn' cannot be XLA-compiled (XLA has no kernel for oneDNN's quantized op). "
                              "Received: jit_compile=True; use kernel='xla' for an XLA-compiled int8 SavedModel.")
         if kernel == "auto" and jit_compile is not None:
             raise ValueError("With kernel='auto' each form gets its own jit_compile (xla and keras: True, onednn: "
                              f"False). Received: jit_compile={jit_compile!r}; pass kernel='xla' or 'keras' to set it.")
-        super().__init__(config, jit_compile=jit_compile if jit_compile is not None else kernel != "onednn", **kwargs)
+        super().__init__(config, jit_compile=jit_compile if jit_compile is not None else kernel not in ("onednn", BY_BATCH),
+                         **kwargs)
         self.requested_kernel = kernel
         self.kernel = kernel
+        self.xla_max_batch = xla_max_batch if xla_max_batch is not None else 1
         self.kernel_choice: dict[str, Any] | None = None
         if self.config.weight_only:
             # weight-only layers run a float product on dequantized weights: nothing to rewrite
@@ -233,31 +305,50 @@ class Int8Step(_KerasQuantizeStep):
     def params(self) -> dict[str, Any]:
         p = super().params()
         p["kernel_requested"] = self.requested_kernel
+        if BY_BATCH in (self.kernel, self.requested_kernel):
+            p["xla_max_batch"] = self.xla_max_batch
         if self.kernel_choice is not None:
             p["kernel_choice"] = self.kernel_choice
         return p
 
+    def _forms_needed(self) -> tuple[str, ...]:
+        return ("xla", "onednn") if self.requested_kernel == BY_BATCH else \
+            (self.requested_kernel,) if self.requested_kernel in KERNELS else ()
+
     def unavailable(self, caps) -> str:
-        if self.requested_kernel in ("onednn", "xla", "keras"):
-            ok, why = caps.int8_kernel_forms()[self.requested_kernel]
+        for form in self._forms_needed():
+            ok, why = caps.int8_kernel_forms()[form]
             if not ok:
-                return f"int8 kernel form '{self.requested_kernel}' does not run here: {why}"
+                return f"int8 kernel form '{form}' does not run here: {why}"
         return ""
+
+    def same_as_another_at(self, shapes) -> str:
+        if self.requested_kernel != BY_BATCH or not shapes:
+            return ""
+        small = [b for b, _ in shapes if b <= self.xla_max_batch]
+        if small and len(small) < len(shapes):
+            return ""
+        form = "xla" if small else "onednn"
+        return (f"kernel='by-batch' runs the '{form}' form at every shape of this run (batch split at "
+                f"{self.xla_max_batch}): the same as kernel='{form}'")
 
     def check(self, source) -> None:
         """Refuse, before any work, a kernel form this machine cannot run."""
         from tfaccel.compat import capabilities
 
-        if self.requested_kernel in ("onednn", "xla"):
-            ok, why = capabilities().int8_kernel_forms()[self.requested_kernel]
+        for form in self._forms_needed():
+            if form == "keras":
+                continue
+            ok, why = capabilities().int8_kernel_forms()[form]
             if not ok:
-                other = "kernel='xla' (runs anywhere) or kernel='auto'" if self.requested_kernel == "onednn" else \
+                other = "kernel='xla' (runs anywhere) or kernel='auto'" if form == "onednn" else \
                     "kernel='auto' or kernel='keras'"
-                raise PlanError(f"Step 'int8' with kernel='{self.requested_kernel}' cannot run on this machine: {why}. "
-                                f"Use {other}.")
+                what = "" if form == self.requested_kernel else f" (its '{form}' form)"
+                raise PlanError(f"Step 'int8' with kernel='{self.requested_kernel}'{what} cannot run on this machine: "
+                                f"{why}. Use {other}.")
 
     def _resolve_kernel(self, ctx: StepContext, qmodel) -> None:
-        if self.kernel == "onednn":
+        if self.kernel in ("onednn", BY_BATCH):
             check_onednn_int8()
             ctx.note("int8 products run in oneDNN's int8 kernel: serve this SavedModel with a TensorFlow that has "
                      "oneDNN on a CPU that runs it (x86-64 Linux/Windows wheels, AVX-512); kernel='xla' gives one "
@@ -277,8 +368,12 @@ class Int8Step(_KerasQuantizeStep):
         excluded.update(failed)
         if not medians:
             raise StepError(f"No int8 kernel form runs on this model here: {excluded}")
-        self.kernel = choose_kernel(medians)
-        self.jit_compile = forms[self.kernel]
+        split = by_batch_split(medians)
+        if split is not None:  # XLA wins the small batches, oneDNN the large ones: keep both
+            self.kernel, self.xla_max_batch, self.jit_compile = BY_BATCH, split, False
+        else:
+            self.kernel = choose_kernel(medians)
+            self.jit_compile = forms[self.kernel]
         self.kernel_choice = {"chosen": self.kernel, "median_ms": medians, "left_out": excluded}
         ctx.note(f"kernel='auto' chose '{self.kernel}': median ms " + "; ".join(
             f"{f} " + ", ".join(f"{sh} {ms:.2f}" for sh, ms in m.items()) for f, m in medians.items())
