@@ -33,8 +33,7 @@ demo: $(STAMP)
 # The suite in TEST_WORKERS processes (pytest-xdist), a file per worker at a time so module fixtures are built
 # once, longest file first (the order is tests/conftest.py's FILE_SECONDS; --no-loadscope-reorder keeps it, where
 # xdist would order files by their number of tests). The first worker that needs minilm-bbc builds it, another
-# that needs it meanwhile waits for that build (a lock in the cache). Each worker's TensorFlow gets its share of
-# the cores (tests/conftest.py). TEST_WORKERS=1 runs it in one process.
+# that needs it meanwhile waits for that build (a lock in the cache). TEST_WORKERS=1 runs it in one process.
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)

@@ -17,15 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 # Built examples are cached in the repo's .cache unless the caller chose a cache.
 os.environ.setdefault("TFACCEL_CACHE", str(REPO / ".cache"))
-# Several test workers (pytest-xdist) share the cores: TensorFlow's intra-op pool in each worker, and in every
-# process a test starts, gets its share of them instead of one thread per core. Set before TensorFlow starts, and
-# inherited by child processes. Measured on 2 cores (AMD Zen 4) with two workers, one fine-tuning MiniLM, the
-# other running tests/test_quantization.py: default pools 2.37 s/step and 110 s; one thread each 1.82 s/step and
-# 93 s (2026-12-06). Speed itself is measured in benchmarks/, never in these tests.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
-
 # Files in the order the workers take them (pytest-xdist --dist loadfile --no-loadscope-reorder, see the
 # Makefile): longest first, so that no long file starts last while the other worker idles, and the file that
 # builds minilm-bbc (test_pruning_structured, at its large tests) starts first while the other worker runs long
