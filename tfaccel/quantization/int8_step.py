@@ -216,9 +216,16 @@ class _KerasQuantizeStep(Step):
     def _resolve_kernel(self, ctx: StepContext, qmodel) -> None:
         """Hook for subclasses: settle the kernel form for the quantized model before it is written."""
 
-    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
+    def _write(self, qmodel, ctx: StepContext) -> None:
+        """Write the quantized model's SavedModel into ``ctx.stage_dir``, products in ``self.kernel``'s form."""
         from tfaccel.saved_model import write_saved_model
 
+        with int8_kernels(qmodel, self.kernel) as rewritten:
+            ctx.log(f"  writing SavedModel (products: {self.kernel}, jit_compile={self.jit_compile}, "
+                    f"{len(rewritten)} rewritten)")
+            write_saved_model(qmodel, ctx.stage_dir, jit_compile=self.jit_compile)
+
+    def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         ctx.log(f"  Keras {self.mode} quantization of the selected layers")
         qmodel, summary = quantize_model(artifact.model, self.config, copy=True)
         self._resolve_kernel(ctx, qmodel)
@@ -226,17 +233,7 @@ class _KerasQuantizeStep(Step):
         self.summary = summary
         for line in summary.notes():
             ctx.note(line)
-        if self.kernel == BY_BATCH:
-            ctx.log(f"  writing SavedModel (products: xla up to batch {self.xla_max_batch}, onednn above)")
-            rewritten = write_by_batch_saved_model(qmodel, ctx.stage_dir, self.xla_max_batch)
-            ctx.note(f"int8 products: XLA-compiled at batch <= {self.xla_max_batch}, oneDNN's int8 inner product "
-                     f"above ({len(rewritten)} layers rewritten); serve it with a TensorFlow that has oneDNN "
-                     "(x86-64 Linux/Windows wheels, AVX-512)")
-        else:
-            with int8_kernels(qmodel, self.kernel) as rewritten:
-                ctx.log(f"  writing SavedModel (products: {self.kernel}, jit_compile={self.jit_compile}, "
-                        f"{len(rewritten)} rewritten)")
-                write_saved_model(qmodel, ctx.stage_dir, jit_compile=self.jit_compile)
+        self._write(qmodel, ctx)
         if self.jit_compile:
             ctx.note("the serving function is XLA-compiled: the first call at each new (batch, sequence) shape "
                      "compiles (seconds for BERT-base)")
@@ -315,12 +312,14 @@ class Int8Step(_KerasQuantizeStep):
         return ("xla", "onednn") if self.requested_kernel == BY_BATCH else \
             (self.requested_kernel,) if self.requested_kernel in KERNELS else ()
 
+    def _missing_form(self, caps) -> tuple[str, str] | None:
+        """(form, why) for the first form the requested kernel needs that does not run here, else None."""
+        forms = caps.int8_kernel_forms()
+        return next(((f, forms[f][1]) for f in self._forms_needed() if not forms[f][0]), None)
+
     def unavailable(self, caps) -> str:
-        for form in self._forms_needed():
-            ok, why = caps.int8_kernel_forms()[form]
-            if not ok:
-                return f"int8 kernel form '{form}' does not run here: {why}"
-        return ""
+        missing = self._missing_form(caps)
+        return f"int8 kernel form '{missing[0]}' does not run here: {missing[1]}" if missing else ""
 
     def same_as_another_at(self, shapes) -> str:
         if self.requested_kernel != BY_BATCH or not shapes:
@@ -336,20 +335,29 @@ class Int8Step(_KerasQuantizeStep):
         """Refuse, before any work, a kernel form this machine cannot run."""
         from tfaccel.compat import capabilities
 
-        for form in self._forms_needed():
-            if form == "keras":
-                continue
-            ok, why = capabilities().int8_kernel_forms()[form]
-            if not ok:
-                other = "kernel='xla' (runs anywhere) or kernel='auto'" if form == "onednn" else \
-                    "kernel='auto' or kernel='keras'"
-                what = "" if form == self.requested_kernel else f" (its '{form}' form)"
-                raise PlanError(f"Step 'int8' with kernel='{self.requested_kernel}'{what} cannot run on this machine: "
-                                f"{why}. Use {other}.")
+        missing = self._missing_form(capabilities())
+        if missing:
+            form, why = missing
+            other = "kernel='xla' (runs anywhere) or kernel='auto'" if form == "onednn" else \
+                "kernel='auto' or kernel='keras'"
+            what = "" if form == self.requested_kernel else f" (its '{form}' form)"
+            raise PlanError(f"Step 'int8' with kernel='{self.requested_kernel}'{what} cannot run on this machine: "
+                            f"{why}. Use {other}.")
+
+    def _write(self, qmodel, ctx: StepContext) -> None:
+        if self.kernel != BY_BATCH:
+            super()._write(qmodel, ctx)
+            return
+        ctx.log(f"  writing SavedModel (products: xla up to batch {self.xla_max_batch}, onednn above)")
+        rewritten = write_by_batch_saved_model(qmodel, ctx.stage_dir, self.xla_max_batch)
+        ctx.note(f"int8 products: XLA-compiled at batch <= {self.xla_max_batch}, oneDNN's int8 inner product "
+                 f"above ({len(rewritten)} layers rewritten); serve it with a TensorFlow that has oneDNN "
+                 "(x86-64 Linux/Windows wheels, AVX-512)")
 
     def _resolve_kernel(self, ctx: StepContext, qmodel) -> None:
         if self.kernel in ("onednn", BY_BATCH):
             check_onednn_int8()
+        if self.kernel == "onednn":
             ctx.note("int8 products run in oneDNN's int8 kernel: serve this SavedModel with a TensorFlow that has "
                      "oneDNN on a CPU that runs it (x86-64 Linux/Windows wheels, AVX-512); kernel='xla' gives one "
                      "that runs anywhere")
