@@ -285,6 +285,33 @@ def test_distillation_stops_when_its_measured_steps_would_not_fit(bert_tiny):
     assert any(not np.array_equal(a, b) for a, b in zip(before, small.get_weights(), strict=True))  # 3 real steps ran
 
 
+def test_a_step_not_built_yet_counts_as_the_longest_step_so_far():
+    from tfaccel.auto.budget import TimeBudget
+    from tfaccel.pruning import StructuredPruneStep
+    from tfaccel.steps import get_step
+
+    # 400 s budget, 200 s gone: 40 s are kept for timing, so 160 s of building are left. Measured so far:
+    # export 5 s, onnx 100 s, and a distillation that ran 300 s because its deadline let it.
+    seconds = {"export": 5.0, "onnx": 100.0, "prune-structured": 300.0}
+    budget = TimeBudget(400, time.perf_counter() - 200, seconds)
+    prune, litert = StructuredPruneStep(), get_step("litert-dynamic")
+    ov, ov_int8 = get_step("openvino"), get_step("ov-int8")
+    assert "needs about 300s to build and validate (its steps' times measured earlier in this run), " \
+        in budget.not_tried_reason([prune])  # its own time; too long for the 160 s left
+    assert budget.unmeasured_step_s() == 100.0  # onnx; not the distillation, which stops at its deadline
+    assert budget.not_tried_reason([litert]) == ""  # about 100 s of 160 s: tried
+    why = budget.not_tried_reason([ov, ov_int8])  # about 200 s: not tried, and the reason says how it was counted
+    assert re.search(r"needs about 200s .*openvino, ov-int8 not built yet, counted as long as the longest step "
+                     r"so far \(100s\)\), 1[56]\ds of building time were left", why), why
+    seconds["litert-dynamic"] = 20.0  # once built, its own time counts
+    assert budget.not_tried_reason([litert, ov]) == ""  # 20 + 100
+    # the deadline of a distillation leaves the guessed time of the steps after it
+    at = budget.deadline_for([prune, ov, ov_int8])
+    assert at(0) == pytest.approx(budget.build_deadline - 200.0)
+    assert at(2) == pytest.approx(budget.build_deadline)
+    assert TimeBudget(None, time.perf_counter(), seconds).not_tried_reason([ov, ov_int8]) == ""  # no budget
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI
 

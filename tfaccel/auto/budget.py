@@ -3,7 +3,10 @@ step should be done, and how much time each candidate gets in the final timing.
 
 The budget covers building, validating and timing. The last part of it (10%, 15-60 s) is kept for the
 final timing. Before that, a candidate is not tried when the times its steps took earlier in this run (and
-a validation) say it would not fit; steps that can stop long work (distillation) get a deadline.
+a validation) say it would not fit; steps that can stop long work (distillation) get a deadline. A step not
+built yet in this run counts as long as the longest step measured so far (leaving out those that stop at
+their deadline): without that, a conversion first tried near the end (tf2onnx takes about 2 minutes on
+BERT-base) started with seconds left and took the run 100 s past its budget.
 """
 
 from __future__ import annotations
@@ -31,18 +34,29 @@ class TimeBudget:
         self.reserve = min(60.0, max(15.0, 0.1 * total_s)) * n_shapes if total_s is not None else 0.0
         self.build_deadline = start + total_s - self.reserve if total_s is not None else None
         self._validations: list[float] = []
+        self._stop_at_deadline: set[str] = set()  # names of steps seen with ``stops_at_deadline``
 
     def record_validation(self, seconds: float) -> None:
         self._validations.append(seconds)
 
+    def _see(self, steps: Sequence[Step]) -> None:
+        self._stop_at_deadline.update(s.name for s in steps if s.stops_at_deadline)
+
+    def unmeasured_step_s(self) -> float:
+        """Seconds a step not built yet in this run is counted as: the longest step measured so far, leaving
+        out steps that stop at their deadline (their time is what they were given); 0 before any."""
+        return max((t for name, t in self.step_seconds.items() if name not in self._stop_at_deadline), default=0.0)
+
     def _after(self, todo: Sequence[Step]) -> float:
-        """Seconds ``todo`` took earlier in this run (0 for steps not built yet), plus a validation."""
+        """Seconds ``todo`` takes by this run's measurements (:meth:`unmeasured_step_s` for a step not built
+        yet), plus a validation."""
+        self._see(todo)
         validation = sum(self._validations) / max(1, len(self._validations))
-        return sum(self.step_seconds.get(s.name, 0.0) for s in todo) + validation
+        guess = self.unmeasured_step_s()
+        return sum(self.step_seconds.get(s.name, guess) for s in todo) + validation
 
     def not_tried_reason(self, unbuilt: Sequence[Step]) -> str:
-        """Why a candidate whose ``unbuilt`` steps are still to build does not fit (empty: it fits).
-        Its estimate is known only once every one of its steps was built in this run."""
+        """Why a candidate whose ``unbuilt`` steps are still to build does not fit (empty: it fits)."""
         if self.build_deadline is None:
             return ""
         now = time.perf_counter()
@@ -50,17 +64,21 @@ class TimeBudget:
         if left <= 0:
             return (f"time budget of {self.total_s:g}s: building stopped after {now - self.start:.0f}s (the last "
                     f"{self.reserve:.0f}s are kept for timing)")
-        if any(s.name not in self.step_seconds for s in unbuilt):
-            return ""
         est = self._after(unbuilt)
         if est > left:
-            return (f"time budget of {self.total_s:g}s: it needs about {est:.0f}s to build and validate (its steps' "
-                    f"times measured earlier in this run), {left:.0f}s of building time were left")
+            new = sorted({s.name for s in unbuilt if s.name not in self.step_seconds})
+            how = "its steps' times measured earlier in this run" + (
+                f"; {', '.join(new)} not built yet, counted as long as the longest step so far "
+                f"({self.unmeasured_step_s():.0f}s)" if new else "")
+            return (f"time budget of {self.total_s:g}s: it needs about {est:.0f}s to build and validate ({how}), "
+                    f"{left:.0f}s of building time were left")
         return ""
 
     def deadline_for(self, steps: Sequence[Step]) -> Callable[[int], float | None]:
         """``f(k)``: the ``perf_counter`` by which step ``k`` of ``steps`` should be done (leaving time for
         the steps after it and a validation), or None without a budget."""
+        self._see(steps)
+
         def at(k: int) -> float | None:
             return None if self.build_deadline is None else self.build_deadline - self._after(steps[k + 1:])
         return at

@@ -86,6 +86,9 @@ class Step(abc.ABC):
     #: ``quantized_input_reason`` (why) in the message.
     takes_quantized: ClassVar[frozenset[str] | None] = None
     quantized_input_reason: ClassVar[str] = ""
+    #: True for a step whose long work ends by ``StepContext.deadline`` (distillation): how long it took says
+    #: how much time it was given, not how long another step will take (``--auto``'s time budget).
+    stops_at_deadline: ClassVar[bool] = False
     #: The earlier stage this step starts from (``STEP@FROM``: a step name or "reference"); None
     #: takes the default input (see :class:`tfaccel.Pipeline`).
     start_from: str | None = None

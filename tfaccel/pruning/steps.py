@@ -103,6 +103,7 @@ class StructuredPruneStep(Step):
     name = "prune-structured"
     consumes = "keras"
     produces = "keras"
+    stops_at_deadline = True  # distillation stops at --auto's deadline for the step
     # A structurally different model: half the feed-forward units (or layers) are gone, so hidden states and
     # logits change everywhere and no element-wise bound holds (max_abs_diff unchecked). Distillation recovers
     # the task, not the exact logits, so accuracy is the real bound: at most 2 points below the input
