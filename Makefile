@@ -34,9 +34,7 @@ demo: $(STAMP)
 # once, longest file first (the order is tests/conftest.py's FILE_SECONDS; --no-loadscope-reorder keeps it, where
 # xdist would order files by their number of tests). The first worker that needs minilm-bbc builds it, another
 # that needs it meanwhile waits for that build (a lock in the cache). TEST_WORKERS=1 runs it in one process.
-# Three workers on CI's 2 cores: a worker waiting on a child process (tf2onnx, a serve check, a footprint probe, a
-# notebook kernel, training workers) leaves its core to the third (CONTRIBUTING.md, "Test time").
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PY) -m pytest --nbmake --nbmake-timeout=1200 notebooks tests $(XDIST) --max-worker-restart=0 \
