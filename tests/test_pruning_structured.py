@@ -400,17 +400,18 @@ def test_same_seed_gives_the_same_weights_in_another_process(tmp_path):
 
 @pytest.mark.large
 def test_minilm_bbc_structured_half_ff_with_distillation_loses_at_most_2_points(minilm_bbc, tmp_path):
-    # The default recipe (seed 0): at most 3 epochs on 360 of the 400 BBC training articles (seq 128), 40 held back
-    # for early stopping; about 2 minutes on 2 quiet cores, 6-8 at load 10.
-    report = Pipeline([StructuredPruneStep(fraction=0.5)], measure=False, log=print).run(minilm_bbc, tmp_path / "out")
+    # The default recipe (seed 0) with one epoch instead of at most three, to keep CI time down: 1 epoch on 360 of
+    # the 400 BBC training articles (seq 128), 40 held back; about 70 s on 2 quiet cores. The three-epoch default
+    # is measured by `make bench` (benchmarks/training.py; 0.950 / 0.925 / 0.950 over seeds 0 / 1 / 2).
+    step = StructuredPruneStep(fraction=0.5, epochs=1)
+    report = Pipeline([step], measure=False, log=print).run(minilm_bbc, tmp_path / "out")
     ref, stage = report.reference.accuracy, report.stage("prune-structured")
     assert ref >= 0.90
-    # Measured on an AMD EPYC Zen 4 (reference 0.930): 0.950 / 0.925 / 0.950 over seeds 0 / 1 / 2, the same
-    # numbers in two separate runs (benchmarks/RESULTS.md). Other CPUs round differently, so the bound is the
-    # step's own 2-point budget rather than seed 0's 0.950.
+    # One epoch, measured on an AMD EPYC Zen 4 (reference 0.930): 0.920 / 0.930 / 0.955 over seeds 0 / 1 / 2.
+    # Other CPUs round differently, so the bound is the step's own 2-point budget.
     assert stage.accuracy >= ref - 0.02, f"{stage.accuracy:.3f} vs reference {ref:.3f}"
     assert any("intermediate_dim 1536 -> 768 in 6 transformer layers" in n for n in stage.notes)
-    assert any("(seed 0)" in n and "on 360 examples; kept epoch" in n and "on 40 examples" in n
+    assert any("(seed 0)" in n and "on 360 examples; kept epoch 1" in n and "on 40 examples" in n
                for n in stage.notes), stage.notes
     assert report.stage("export").accuracy == stage.accuracy
 
