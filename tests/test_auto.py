@@ -312,6 +312,30 @@ def test_a_step_not_built_yet_counts_as_the_longest_step_so_far():
     assert TimeBudget(None, time.perf_counter(), seconds).not_tried_reason([ov, ov_int8]) == ""  # no budget
 
 
+def test_the_time_kept_for_timing_grows_with_the_candidates_and_the_length_of_a_call():
+    from tfaccel.auto.budget import TimeBudget
+    from tfaccel.steps import get_step
+
+    budget = TimeBudget(540, time.perf_counter(), {"export": 5.0}, n_shapes=2, warmup=3)
+    assert budget.timing_reserve() == pytest.approx(108.0)  # the least: 54 s a shape before any call is measured
+    # short calls (minilm-bbc: 25 ms and 0.3 s): 3 warm-up calls and half a second of timed calls each; the least
+    budget.record_call_seconds([0.025, 0.3])
+    for _ in range(10):
+        budget.record_validation(1.0)
+    assert budget.timing_reserve() == pytest.approx(108.0)  # 11 candidates x 3.0 s
+    # long calls (bert-base's model.export: 0.17 s at 1x128, 4 s at 32x128): two warm-up calls at 32x128 (the
+    # timer stops a warm-up after a call of a second), three timed calls each
+    budget.record_call_seconds([0.17, 4.0])
+    per_candidate = (3 * 0.17 + 0.51) + (2 * 4.0 + 3 * 4.0)
+    assert budget.timing_reserve() == pytest.approx(11 * per_candidate)  # 10 validated and the next one: 231 s
+    assert budget.build_deadline == pytest.approx(budget.start + 540 - 11 * per_candidate)
+    budget.start -= 320  # 320 s gone: 540 - 231 s left no building time
+    why = budget.not_tried_reason([get_step("export")])
+    assert re.search(r"building stopped after 32\ds \(the last 231s are kept for timing 11 candidates: warm-up and "
+                     r"at least 3 calls each at every shape, 4.0s per call at the slowest as the baseline\)", why), why
+    assert TimeBudget(None, time.perf_counter(), {}).build_deadline is None  # no budget, no deadline
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI
 

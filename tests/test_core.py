@@ -69,6 +69,23 @@ def test_interleave_budget_is_seconds_of_timed_calls_with_three_calls_at_least()
     assert sum(spent) >= 100 and sum(spent[:-1]) < 100  # stopped by the first call that crossed the budget
 
 
+def test_warm_up_stops_after_a_call_as_long_as_a_block_and_runs_in_full_for_short_calls():
+    counts = {"long": 0, "short": 0}
+
+    def long():
+        counts["long"] += 1
+        time.sleep(0.03)
+
+    def short():
+        counts["short"] += 1
+
+    # block_seconds 0.02: a 0.03 s call is past its warm-up after the first call and one more
+    interleave({"long": long, "short": short}, runs=3, warmup=4, max_seconds=None, block_seconds=0.02,
+               settle_below_s=0)
+    assert counts["short"] == 4 + 3  # every warm-up call, then the timed ones
+    assert counts["long"] == 2 + 3
+
+
 def test_a_failing_contender_is_dropped_the_others_go_on():
     def broken():
         raise RuntimeError("no kernel for this\nsecond line")

@@ -89,7 +89,23 @@ class CandidateBuilder:
                 self.builder.forget_keras({tuple(q.keys[: j + 1]) for q in queue[i:] for j in range(len(q.keys))})
             if built is not None:
                 self._validate(p, built, baseline=i == 1)
+                if i == 1 and self.budget.total_s is not None:
+                    self._time_baseline_calls(self.runners[p.name])
         return self.runners
+
+    def _time_baseline_calls(self, runner) -> None:
+        """One call of the baseline at each shape after a first one: how long the final timing's calls take
+        (the time budget keeps enough for them, see :meth:`TimeBudget.timing_reserve`)."""
+        per_shape = []
+        for batch, seq in self.shapes:
+            inputs = self.make_inputs(batch, seq)
+            runner(inputs)
+            t0 = time.perf_counter()
+            runner(inputs)
+            per_shape.append(time.perf_counter() - t0)
+        self.budget.record_call_seconds(per_shape)
+        self.log("  baseline call: " + ", ".join(f"{t:.2f}s at {b}x{s}" for t, (b, s) in zip(per_shape, self.shapes,
+                                                                                              strict=True)))
 
     def _build(self, p: Planned, baseline: bool) -> Built | None:
         try:

@@ -172,7 +172,7 @@ def optimize_auto(
             if reference.labelled:
                 report.reference_accuracy = reference.accuracy
                 log(f"  reference accuracy {reference.accuracy:.4f} on {report.eval_examples} held-out examples")
-            budget = TimeBudget(time_budget_s, t_run, builder.step_seconds, n_shapes=len(shapes))
+            budget = TimeBudget(time_budget_s, t_run, builder.step_seconds, n_shapes=len(shapes), warmup=warmup)
             runners = CandidateBuilder(builder, reference, budget, Groups.of(planned), report, source.make_inputs,
                                        shapes, warmup, log).run(planned)
             # 5-6. time interleaved, rank

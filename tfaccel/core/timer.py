@@ -5,7 +5,9 @@ form's call...), timed **interleaved**: rounds in which every contender gets a b
 the order rotating each round, so background load on a shared machine falls on all of them alike.
 
 - **Warm-up**: each contender's first call (tracing, XLA compilation, session set-up) is timed apart
-  (``first_call_ms``), then ``warmup - 1`` more untimed calls.
+  (``first_call_ms``), then up to ``warmup - 1`` more untimed calls: they stop after one that takes
+  ``block_seconds`` or more (a call that long is past its warm-up; two more of bert-base's 4 s calls at
+  batch 32 were 8 s per contender with nothing measured).
 - **Blocks**: a contender's block is about ``block_seconds`` of calls (1 to 5), so fast contenders are
   not dominated by switching.
 - **Settle calls**: when the previous call was another contender's and this one's calls are short
@@ -91,7 +93,7 @@ def interleave(
         calls: name -> callable; each call is one unit of work.
         runs: timed calls per contender at most (>= 1; 3 or more for a median worth comparing).
         warmup: untimed calls per contender before timing, the first included (>= 0; with 0 the first
-            timed call is also the first call).
+            timed call is also the first call); after the first, they stop at one of ``block_seconds`` or more.
         max_seconds: seconds of timed calls per contender (at least 3 calls are made); None: no limit.
         stop_slower: stop a contender clearly slower than the fastest by this margin once every contender
             has ``min_runs`` timed calls; None times every contender to the end.
@@ -139,6 +141,8 @@ def interleave(
                 first_ms[name] = ms = call(name)
                 for _ in range(warmup - 1):
                     ms = call(name)
+                    if ms >= 1000 * block_seconds:
+                        break
                 est_s[name] = ms / 1000
         except Exception as exc:
             fail(name, exc)
