@@ -44,6 +44,20 @@ def test_conversion_failure_names_the_problem(tmp_path):
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / ".m.onnx.partial").exists()
 
 
+def test_conversion_stops_at_its_deadline_and_leaves_no_file(bert_tiny_saved_model, tmp_path):
+    import time
+
+    from tfaccel.errors import OverBudget
+
+    out = tmp_path / "model.onnx"
+    with pytest.raises(OverBudget, match="no time was left"):  # --auto's deadline already passed
+        convert_saved_model(bert_tiny_saved_model, out, deadline=time.perf_counter() - 1)
+    # 0.5 s: the child is still importing TensorFlow when it is stopped
+    with pytest.raises(OverBudget, match=r"tf2onnx was stopped at the step's deadline, after \d+s"):
+        convert_saved_model(bert_tiny_saved_model, out, deadline=time.perf_counter() + 0.5)
+    assert list(tmp_path.iterdir()) == []  # no half-written model.onnx
+
+
 def test_unsupported_ops_are_parsed_from_tf2onnx_log():
     log = ("ERROR - Tensorflow op [model/foo: FancyOp] is not supported\n"
            "ERROR - Unsupported ops: Counter({'FancyOp': 2, 'OtherOp': 1})")

@@ -6,7 +6,8 @@ final timing. Before that, a candidate is not tried when the times its steps too
 a validation) say it would not fit; steps that can stop long work (distillation) get a deadline. A step not
 built yet in this run counts as long as the longest step measured so far (leaving out those that stop at
 their deadline): without that, a conversion first tried near the end (tf2onnx takes about 2 minutes on
-BERT-base) started with seconds left and took the run 100 s past its budget.
+BERT-base) started with seconds left and took the run 100 s past its budget. A conversion in a child process
+(tf2onnx) is also stopped at its deadline, so a guess that was too short costs the time up to the deadline only.
 
 The time kept for the final timing grows with the candidates and the length of a call: every candidate
 validated so far, and the one about to be built, gets warm-up calls and at least 3 timed calls at each shape,

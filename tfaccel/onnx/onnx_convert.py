@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tfaccel.core.artifact import Artifact
@@ -15,7 +16,7 @@ from tfaccel.core.files import atomic_file
 from tfaccel.core.processes import run_child
 from tfaccel.core.step import Step, StepContext
 from tfaccel.core.validation import Tolerance
-from tfaccel.errors import StepError
+from tfaccel.errors import OverBudget, StepError
 
 DEFAULT_OPSET = 17  # tf2onnx 1.17 is tested up to opset 18; 17 is what onnxruntime and TensorRT 10/11 take best
 
@@ -40,21 +41,33 @@ def _unsupported_ops(log: str) -> list[str]:
 
 def convert_saved_model(saved_model_dir: str | os.PathLike, output_path: str | os.PathLike, *,
                         opset: int = DEFAULT_OPSET, signature: str = "serving_default",
-                        timeout: float | None = 3600, log=None) -> str:
+                        timeout: float | None = 3600, log=None, deadline: float | None = None) -> str:
     """Convert a SavedModel signature to an ONNX file with tf2onnx.
 
     tf2onnx runs in a child process with tfaccel's extra op handlers loaded first
     (:mod:`tfaccel.onnx.tf2onnx_handlers`: ``Erfc``, the exact gelu of keras-hub DistilBERT, RoBERTa,
     XLM-RoBERTa, DeBERTa-v3 and Falcon).
 
+    Args:
+        deadline: a ``time.perf_counter()`` at which the child is stopped (``--auto``'s time budget), before
+            ``timeout`` if sooner.
+
     Raises:
         MissingDependencyError: tf2onnx is not installed.
-        StepError: the conversion failed; unsupported TensorFlow ops are named.
+        OverBudget: the conversion was stopped at ``deadline``.
+        StepError: the conversion failed or ran past ``timeout``; unsupported TensorFlow ops are named.
     """
     from tfaccel.compat import require
 
     require("tf2onnx", purpose="the onnx step")
     output_path = Path(output_path)
+    t0, stop_at_deadline = time.perf_counter(), False
+    if deadline is not None:
+        left = deadline - t0
+        if left <= 0:
+            raise OverBudget("no time was left before the step's deadline to start tf2onnx")
+        if timeout is None or left < timeout:
+            timeout, stop_at_deadline = left, True
     with atomic_file(output_path) as tmp_out:
         cmd = [sys.executable, "-c", _CONVERT_WITH_HANDLERS, str(_HANDLERS_FILE), "--saved-model",
                str(saved_model_dir), "--output", str(tmp_out), "--opset", str(opset), "--signature_def", signature]
@@ -65,6 +78,9 @@ def convert_saved_model(saved_model_dir: str | os.PathLike, output_path: str | o
             try:
                 proc = run_child(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout, env=env)
             except subprocess.TimeoutExpired as exc:
+                if stop_at_deadline:
+                    raise OverBudget(f"tf2onnx was stopped at the step's deadline, after {time.perf_counter() - t0:.0f}s "
+                                     "of converting", max_seconds=timeout) from exc
                 raise StepError(f"tf2onnx did not finish within {timeout}s on {saved_model_dir}.") from exc
             logf.seek(0)
             text = logf.read()
@@ -125,7 +141,8 @@ class OnnxStep(Step):
         super().check(source)
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
-        path = convert_saved_model(artifact.path, ctx.stage_dir / "model.onnx", opset=self.opset, log=ctx.log)
+        path = convert_saved_model(artifact.path, ctx.stage_dir / "model.onnx", opset=self.opset, log=ctx.log,
+                                   deadline=ctx.deadline)
         info = {"opset": self.opset}
         if self.fuse:
             from tfaccel.onnx.ort_fusions import fuse_for_onnxruntime
