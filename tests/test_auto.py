@@ -333,6 +333,11 @@ def test_the_time_kept_for_timing_grows_with_the_candidates_and_the_length_of_a_
     why = budget.not_tried_reason([get_step("export")])
     assert re.search(r"building stopped after 32\ds \(the last 231s are kept for timing 11 candidates: warm-up and "
                      r"at least 3 calls each at every shape, 4.0s per call at the slowest as the baseline\)", why), why
+    # the final timing: 209 s left for 10 candidates at 32x128; their warm-up calls (2 x 4 s each) come out first
+    budget.start = time.perf_counter() - (540 - 209)
+    assert budget.seconds_per_timing(10, 1, cap=30.0) == pytest.approx(0.7 * (209 - 10 * 8.0) / 10, abs=0.05)
+    assert TimeBudget(540, budget.start, {}).seconds_per_timing(10, 1, cap=30.0) == pytest.approx(
+        0.7 * 209 / 10, abs=0.05)  # no call measured: 70% of what is left
     assert TimeBudget(None, time.perf_counter(), {}).build_deadline is None  # no budget, no deadline
 
 

@@ -58,8 +58,12 @@ class TimeBudget:
         after one of a second or more, see :func:`tfaccel.core.timer.interleave`) and at least 3 timed calls
         (or half a second of them) at each shape, take longer at the baseline's speed."""
         n = len(self._validations) + 1
-        est = n * sum((self.warmup if c < 1.0 else min(self.warmup, 2)) * c + max(3 * c, 0.5) for c in self._call_s)
+        est = n * sum(self._warmup_calls(c) * c + max(3 * c, 0.5) for c in self._call_s)
         return max(self.reserve, est)
+
+    def _warmup_calls(self, call_s: float) -> int:
+        """Warm-up calls of a call this long (the timer stops after a second one of a second or more)."""
+        return self.warmup if call_s < 1.0 else min(self.warmup, 2)
 
     @property
     def build_deadline(self) -> float | None:
@@ -120,9 +124,12 @@ class TimeBudget:
 
     def seconds_per_timing(self, n_runners: int, n_shapes: int, cap: float) -> float:
         """Seconds of timed calls each candidate gets at each of the ``n_shapes`` shapes still to time:
-        ``cap``, or less so that every candidate fits in 70% of what is left (at least 0.5 s). Asked again
-        before each shape, so a slow first shape leaves less to the next ones."""
+        ``cap``, or less so that every candidate fits in 70% of what is left once their warm-up calls at
+        those shapes (at the baseline's speed) are taken out (at least 0.5 s). Asked again before each shape,
+        so a slow first shape leaves less to the next ones."""
         if self.total_s is None:
             return cap
         left = self.start + self.total_s - time.perf_counter()
+        upcoming = self._call_s[-n_shapes:] if 0 < n_shapes <= len(self._call_s) else []
+        left -= n_runners * sum(self._warmup_calls(c) * c for c in upcoming)
         return max(0.5, min(cap, 0.7 * left / max(1, n_runners * n_shapes)))
