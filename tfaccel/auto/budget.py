@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from tfaccel.core.step import Step
+from tfaccel.core.timer import warmup_calls
 
 
 class TimeBudget:
@@ -58,12 +59,8 @@ class TimeBudget:
         after one of a second or more, see :func:`tfaccel.core.timer.interleave`) and at least 3 timed calls
         (or half a second of them) at each shape, take longer at the baseline's speed."""
         n = len(self._validations) + 1
-        est = n * sum(self._warmup_calls(c) * c + max(3 * c, 0.5) for c in self._call_s)
+        est = n * sum(warmup_calls(c, self.warmup) * c + max(3 * c, 0.5) for c in self._call_s)
         return max(self.reserve, est)
-
-    def _warmup_calls(self, call_s: float) -> int:
-        """Warm-up calls of a call this long (the timer stops after a second one of a second or more)."""
-        return self.warmup if call_s < 1.0 else min(self.warmup, 2)
 
     @property
     def build_deadline(self) -> float | None:
@@ -131,5 +128,5 @@ class TimeBudget:
             return cap
         left = self.start + self.total_s - time.perf_counter()
         upcoming = self._call_s[-n_shapes:] if 0 < n_shapes <= len(self._call_s) else []
-        left -= n_runners * sum(self._warmup_calls(c) * c for c in upcoming)
+        left -= n_runners * sum(warmup_calls(c, self.warmup) * c for c in upcoming)
         return max(0.5, min(cap, 0.7 * left / max(1, n_runners * n_shapes)))

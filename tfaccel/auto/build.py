@@ -17,6 +17,7 @@ from tfaccel.auto.groups import Groups
 from tfaccel.auto.plan import Planned
 from tfaccel.core.chain import Built, ChainBuilder
 from tfaccel.core.step import Step
+from tfaccel.core.timer import time_runner
 from tfaccel.core.validation import Comparison, Reference, Tolerance
 from tfaccel.errors import OverBudget, ValidationError, first_line
 
@@ -96,13 +97,8 @@ class CandidateBuilder:
     def _time_baseline_calls(self, runner) -> None:
         """One call of the baseline at each shape after a first one: how long the final timing's calls take
         (the time budget keeps enough for them, see :meth:`TimeBudget.timing_reserve`)."""
-        per_shape = []
-        for batch, seq in self.shapes:
-            inputs = self.make_inputs(batch, seq)
-            runner(inputs)
-            t0 = time.perf_counter()
-            runner(inputs)
-            per_shape.append(time.perf_counter() - t0)
+        per_shape = [time_runner(runner, self.make_inputs(batch, seq), warmup=1, runs=1, max_seconds=None).p50_ms / 1000
+                     for batch, seq in self.shapes]
         self.budget.record_call_seconds(per_shape)
         self.log("  baseline call: " + ", ".join(f"{t:.2f}s at {b}x{s}" for t, (b, s) in zip(per_shape, self.shapes,
                                                                                               strict=True)))

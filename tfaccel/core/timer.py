@@ -38,6 +38,15 @@ import numpy as np
 from tfaccel.core.measure import Measurement
 from tfaccel.errors import first_line
 
+#: About how long a contender's block of timed calls lasts, and the call length after which warm-up stops.
+BLOCK_SECONDS = 1.0
+
+
+def warmup_calls(call_s: float, warmup: int, block_seconds: float = BLOCK_SECONDS) -> int:
+    """How many warm-up calls :func:`interleave` makes for a contender whose calls take ``call_s`` seconds
+    (it stops after a second call of ``block_seconds`` or more): for planning the time a timing takes."""
+    return warmup if call_s < block_seconds else min(warmup, 2)
+
 
 @dataclasses.dataclass
 class InterleavedTiming:
@@ -80,7 +89,7 @@ def interleave(
     stop_slower: float | None = None,
     min_runs: int = 5,
     keep: Collection[str] = (),
-    block_seconds: float = 1.0,
+    block_seconds: float = BLOCK_SECONDS,
     settle_below_s: float = 0.5,
     batch: int = 1,
     seq: int | None = None,
