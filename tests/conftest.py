@@ -18,12 +18,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 # Built examples are cached in the repo's .cache unless the caller chose a cache.
 os.environ.setdefault("TFACCEL_CACHE", str(REPO / ".cache"))
 # Files in the order the workers take them (pytest-xdist --dist loadfile --no-loadscope-reorder, see the
-# Makefile): longest first, so that no long file starts last while the other worker idles, and the file that
-# builds minilm-bbc (test_pruning_structured, at its large tests) starts first while the other worker runs long
+# Makefile): longest first, so that no long file starts last while the other workers idle, and the file that
+# builds minilm-bbc (test_pruning_structured, at its large tests) starts first while the other workers run long
 # files that do not need it. Seconds per file measured with --durations=0 on 2 cores (2026-12-06); files not
 # listed follow in collection order. A stale figure only costs balance, never a test. Measured: no faster than
 # xdist's own order by number of tests (1813 s on a fresh clone against 1740 s in a warm checkout, 2026-12-06);
-# what it buys is that the minilm-bbc build never leaves the other worker waiting on the cache lock.
+# what it buys is that the minilm-bbc build seldom leaves another worker waiting on the cache lock (with three
+# workers, the third reaches test_minilm_bbc about a minute before the build ends).
 FILE_SECONDS = {
     "tests/test_pruning_structured.py": 530, "tests/test_families.py": 490, "tests/test_quantization.py": 205,
     "tests/test_minilm_bbc.py": 196, "tests/test_benchmarks.py": 176, "tests/test_distribute_training.py": 173,
