@@ -24,7 +24,7 @@ os.environ.setdefault("TFACCEL_CACHE", str(REPO / ".cache"))
 # listed follow in collection order. A stale figure only costs balance, never a test. Measured: no faster than
 # xdist's own order by number of tests (1813 s on a fresh clone against 1740 s in a warm checkout, 2026-12-06);
 # what it buys is that the minilm-bbc build seldom leaves another worker waiting on the cache lock (with three
-# workers, the third reaches test_minilm_bbc about a minute before the build ends).
+# workers, the third can reach test_minilm_bbc before the build ends and wait for it).
 FILE_SECONDS = {
     "tests/test_pruning_structured.py": 530, "tests/test_families.py": 490, "tests/test_quantization.py": 205,
     "tests/test_minilm_bbc.py": 196, "tests/test_benchmarks.py": 176, "tests/test_distribute_training.py": 173,
