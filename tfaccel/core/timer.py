@@ -44,7 +44,8 @@ BLOCK_SECONDS = 1.0
 
 def warmup_calls(call_s: float, warmup: int, block_seconds: float = BLOCK_SECONDS) -> int:
     """How many warm-up calls :func:`interleave` makes for a contender whose calls take ``call_s`` seconds
-    (it stops after a second call of ``block_seconds`` or more): for planning the time a timing takes."""
+    (it stops after a second call of ``block_seconds`` or more). :func:`interleave` asks it after each warm-up
+    call with that call's time; the time budget asks it to plan how long a timing takes."""
     return warmup if call_s < block_seconds else min(warmup, 2)
 
 
@@ -148,10 +149,11 @@ def interleave(
             first_ms[name] = None
             if warmup:
                 first_ms[name] = ms = call(name)
-                for _ in range(warmup - 1):
+                made = 1
+                # the same rule the time budget plans with: stop after a call of block_seconds or more
+                while made < warmup_calls(ms / 1000, warmup, block_seconds):
                     ms = call(name)
-                    if ms >= 1000 * block_seconds:
-                        break
+                    made += 1
                 est_s[name] = ms / 1000
         except Exception as exc:
             fail(name, exc)
