@@ -183,6 +183,17 @@ def _children(pid: int) -> list:
         return []
 
 
+def _cmdline(process) -> str:
+    """A process's command line, or "" once it has exited (a short-lived child can end between the listing and
+    this read, and psutil then raises ZombieProcess / NoSuchProcess)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -225,7 +236,7 @@ def test_sigterm_and_sigkill_of_a_real_run_leave_no_child_and_no_debris(bert_tin
         deadline = time.monotonic() + 300
         while len(children) < 2 and time.monotonic() < deadline:  # signal each run as soon as its child runs
             for name, (proc, marker) in runs.items():
-                found = [c for c in _children(proc.pid) if name not in children and marker in " ".join(c.cmdline())]
+                found = [c for c in _children(proc.pid) if name not in children and marker in _cmdline(c)]
                 if found:
                     children[name] = found
                     if name == "term":
