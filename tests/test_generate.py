@@ -110,7 +110,8 @@ def test_generate_step_in_the_pipeline_and_wrong_model(gpt2_tiny, bert_tiny, tmp
     from tfaccel.xla import GenerateStep
 
     step = GenerateStep(max_new_tokens_cap=8, prompt_buckets=(32,), check_new_tokens=4)
-    report = Pipeline([step], shapes=[(1, 16)], runs=2, warmup=1, log=lambda m: None).run(gpt2_tiny, tmp_path / "o")
+    report = Pipeline([step], shapes=[(1, 16)], runs=2, warmup=1, log=lambda m: None, footprints=False).run(
+        gpt2_tiny, tmp_path / "o")
     st = report.stage("generate")
     assert st.comparison["max_abs_diff"] < 1e-4 and any("100.0% of tokens agree" in n for n in st.notes)
     with pytest.raises(PlanError, match="needs a keras-hub causal LM"):

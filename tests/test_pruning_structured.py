@@ -416,18 +416,7 @@ def test_minilm_bbc_structured_half_ff_with_distillation_loses_at_most_2_points(
     assert report.stage("export").accuracy == stage.accuracy
 
 
-@pytest.mark.large
-def test_minilm_bbc_50_percent_magnitude_sparsity_during_fine_tuning_loses_at_most_1_point(minilm_bbc):
-    from pruning_bench import minilm_unstructured
-
-    # A copy of the fine-tuned classifier is pruned while it fine-tunes one more epoch (8 steps of 16,
-    # seq 128) on the first 128 training articles: PolynomialDecay takes every Dense/EinsumDense kernel to 50%
-    # by step 6, masks recomputed every 2 steps. ~40 s on 2 quiet cores (~60 s on all 400 articles, 25 steps;
-    # most of the rest is loading the copy, tracing the pruned model and two passes over the held-out articles).
-    # `make bench` (benchmarks/training.py) measures the 400-article recipe with a control run.
-    row = minilm_unstructured(sparsity=0.5, epochs=1, control=False, n_train=128)
-    assert row["sparsity"] == pytest.approx(0.5, abs=1e-3) and row["train_steps"] == 8
-    assert row["reference_accuracy"] >= 0.90
-    # Measured 0.935 / 0.930 / 0.935 over seeds 0 / 1 / 2 on 128 articles, 0.935 / 0.930 / 0.930 on 200
-    # (reference 0.930; learning rate decaying to 0; 2026-12-06).
-    assert row["accuracy"] >= row["reference_accuracy"] - 0.01, row
+# The magnitude-sparsity target on real data (50% of every kernel while fine-tuning minilm-bbc on 128 training
+# articles loses at most 1 accuracy point) is asserted by notebooks/pruning.ipynb, which make test runs and which
+# fine-tunes with the same recipe; a test here repeated that fine-tune (about 80 s on 2 loaded cores).
+# `make bench` (benchmarks/training.py, pruning_bench.minilm_unstructured) measures the 400-article recipe.

@@ -74,7 +74,8 @@ def test_serves_without_tfaccel_in_a_fresh_process_and_saved_model_cli(bert_tiny
 
 
 def test_xla_step_reports_compilations(bert_tiny, tmp_path):
-    report = Pipeline(["xla"], shapes=[(1, 10), (1, 12), (2, 40)], runs=2, warmup=1, log=lambda m: None).run(
+    report = Pipeline(["xla"], shapes=[(1, 10), (1, 12), (2, 40)], runs=2, warmup=1, log=lambda m: None,
+                      footprints=False).run(
         bert_tiny, tmp_path / "out")
     st = report.stage("xla")
     assert st.comparison["max_abs_diff"] < 1e-4
@@ -90,7 +91,8 @@ def test_half_precision_models_get_a_half_precision_tolerance(bert_tiny, tmp_pat
 
     src = load_source(apply_mixed_precision(bert_tiny.model, "mixed_bfloat16"))
     step = XlaStep()
-    report = Pipeline([step], shapes=[(1, 16)], runs=2, warmup=1, log=lambda m: None).run(src, tmp_path / "o")
+    report = Pipeline([step], shapes=[(1, 16)], runs=2, warmup=1, log=lambda m: None, footprints=False).run(
+        src, tmp_path / "o")
     assert step.tolerance == XlaStep.half_precision_tolerance
     assert any("bfloat16" in n for n in report.stage("xla").notes)
     strict = XlaStep(tolerance=XlaStep.default_tolerance)
