@@ -75,8 +75,7 @@ def test_serves_without_tfaccel_in_a_fresh_process_and_saved_model_cli(bert_tiny
 
 def test_xla_step_reports_compilations(bert_tiny, tmp_path):
     report = Pipeline(["xla"], shapes=[(1, 10), (1, 12), (2, 40)], runs=2, warmup=1, log=lambda m: None,
-                      footprints=False).run(
-        bert_tiny, tmp_path / "out")
+                      footprints=False).run(bert_tiny, tmp_path / "out")
     st = report.stage("xla")
     assert st.comparison["max_abs_diff"] < 1e-4
     # sample inputs (8x32), 1x10 and 1x12 share the 1x16 bucket, 2x40 pads to 64
