@@ -57,6 +57,22 @@ def test_servable_check_rejects_a_folder_that_is_not_a_saved_model(tmp_path):
         check_servable(tmp_path)
 
 
+def test_servable_check_fails_where_tf_serving_would_though_tf_saved_model_load_works(tmp_path):
+    """A TF1 SavedModel tagged 'train' only: tf.saved_model.load takes its one MetaGraph, but saved_model_cli
+    run and TF Serving ask for the 'serve' tag set. The check must say which loader failed, and why."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 3], name="x")
+        sig = tf.compat.v1.saved_model.predict_signature_def({"x": x}, {"y": tf.identity(2.0 * x, name="y")})
+        builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "sm"))
+        builder.add_meta_graph_and_variables(sess, ["train"], signature_def_map={"serving_default": sig})
+        builder.save()
+    with pytest.raises(ServabilityError, match=r"saved_model_cli run failed(.|\n)*tag-set serve could not be found"):
+        check_servable(tmp_path / "sm", inputs={"x": np.ones((2, 3), "float32")})
+
+
 def test_export_is_atomic_and_refuses_to_overwrite(bert_tiny, exported):
     from tfaccel import TfaccelError
 
