@@ -40,6 +40,18 @@ FILE_SECONDS = {
 }
 
 
+def pytest_report_header(config):
+    """Name the CPU at the top of the run: make test's minutes depend on it (CONTRIBUTING.md, Test time). Read
+    from /proc/cpuinfo and CPUID, without starting TensorFlow."""
+    from tfaccel.compat import cpu_features, cpu_model
+
+    features = cpu_features()
+    has = [name for name, present in features.items() if present]
+    lacks = [name for name, present in features.items() if not present]
+    return (f"tfaccel: {cpu_model()}, {os.cpu_count()} cores; has {', '.join(has) or 'none'} of the features "
+            f"tfaccel.compat decides on; lacks {', '.join(lacks) or 'none'}")
+
+
 def pytest_collection_modifyitems(config, items):
     from tfaccel.compat import gpu_devices
 

@@ -147,7 +147,8 @@ def cpu_features() -> dict[str, bool]:
     return merge_cpu_features(info, _cpuid_features())
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -520,7 +521,7 @@ def probed_capabilities() -> Capabilities:
         tf_tensorrt_reason=reason,
         gpus=tuple(gpu_devices()),
         gpu_compute_capability=tuple(gpu_compute_capabilities()),
-        cpu=_cpu_model(),
+        cpu=cpu_model(),
         cpu_count=os.cpu_count() or 1,
         cpu_features=cap_cpu_features(hardware, cap),
         xla_available=_xla_available(),
