@@ -59,8 +59,12 @@ class TimeBudget:
         after one of a second or more, see :func:`tfaccel.core.timer.interleave`) and at least 3 timed calls
         (or half a second of them) at each shape, take longer at the baseline's speed."""
         n = len(self._validations) + 1
-        est = n * sum(warmup_calls(c, self.warmup) * c + max(3 * c, 0.5) for c in self._call_s)
+        est = n * sum(self._warmup_s(c) + max(3 * c, 0.5) for c in self._call_s)
         return max(self.reserve, est)
+
+    def _warmup_s(self, call_s: float) -> float:
+        """Seconds of warm-up calls the timer makes for a contender whose calls take ``call_s``."""
+        return warmup_calls(call_s, self.warmup) * call_s
 
     @property
     def build_deadline(self) -> float | None:
@@ -128,5 +132,5 @@ class TimeBudget:
             return cap
         left = self.start + self.total_s - time.perf_counter()
         upcoming = self._call_s[-n_shapes:] if 0 < n_shapes <= len(self._call_s) else []
-        left -= n_runners * sum(warmup_calls(c, self.warmup) * c for c in upcoming)
+        left -= n_runners * sum(self._warmup_s(c) for c in upcoming)
         return max(0.5, min(cap, 0.7 * left / max(1, n_runners * n_shapes)))
