@@ -42,14 +42,17 @@ FILE_SECONDS = {
 
 def pytest_report_header(config):
     """Name the CPU at the top of the run: make test's minutes depend on it (CONTRIBUTING.md, Test time). Read
-    from /proc/cpuinfo and CPUID, without starting TensorFlow."""
-    from tfaccel.compat import cpu_features, cpu_model
+    from /proc/cpuinfo and CPUID, without starting TensorFlow; the features are the ones tfaccel decides on, so
+    under an ISA cap (``make test-avx2``) the capped ones, as in ``tfaccel.capabilities().cpu_features``."""
+    from tfaccel.compat import cap_cpu_features, cpu_features, cpu_isa_cap, cpu_model
 
-    features = cpu_features()
+    cap, cap_source = cpu_isa_cap()
+    features = cap_cpu_features(cpu_features(), cap)
     has = [name for name, present in features.items() if present]
     lacks = [name for name, present in features.items() if not present]
     return (f"tfaccel: {cpu_model()}, {os.cpu_count()} cores; has {', '.join(has) or 'none'} of the features "
-            f"tfaccel.compat decides on; lacks {', '.join(lacks) or 'none'}")
+            f"tfaccel.compat decides on; lacks {', '.join(lacks) or 'none'}"
+            + (f" (capped by {cap_source})" if cap_source else ""))
 
 
 def pytest_collection_modifyitems(config, items):
