@@ -132,7 +132,7 @@ class KerasRunner:
         specs, _ = input_specs_of_keras(model)
         self._sig = serving_signature(specs)
         self._fn = tf.function(lambda x: model(x if dict_inputs else x[specs[0].name], training=False),
-                               input_signature=[self._sig])
+                               input_signature=[self._sig], autograph=False)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tensorflow as tf

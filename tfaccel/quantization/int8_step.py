@@ -169,7 +169,8 @@ def write_by_batch_saved_model(qmodel, folder, xla_max_batch: int) -> list[str]:
         rows = tf.shape(tf.nest.flatten(inputs)[0])[0]
         return tf.cond(rows <= xla_max_batch, lambda: small(inputs), lambda: large(inputs))
 
-    write_keras_endpoints(qmodel, folder, {"serving_default": tf.function(serve, input_signature=[signature])})
+    write_keras_endpoints(qmodel, folder, {"serving_default": tf.function(serve, input_signature=[signature],
+                                                                             autograph=False)})
     return rewritten
 
 

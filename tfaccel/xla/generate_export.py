@@ -134,7 +134,7 @@ def make_decode_fn(causal_lm, prompt_len: int, max_new_cap: int, jit_compile: bo
     spec = spec or causal_lm_spec(causal_lm)
     total = prompt_len + max_new_cap
 
-    @tf.function(jit_compile=jit_compile or None)
+    @tf.function(jit_compile=jit_compile or None, autograph=False)
     def decode(token_ids, padding_mask, max_new_tokens, stop_token_id, top_k, top_p, temperature, seed):
         batch = tf.shape(token_ids)[0]
         ids = tf.pad(token_ids, [[0, 0], [0, max_new_cap]])
@@ -261,9 +261,10 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
     from tfaccel.saved_model import write_keras_endpoints
 
     write_keras_endpoints(causal_lm, folder, {  # each weight stored once (keras-team/keras#23553)
-        "serving_default": tf.function(forward, input_signature=[{"token_ids": ids_spec, "padding_mask": mask_spec}]),
-        "generate": tf.function(generate, input_signature=gen_sig),
-        "generate_greedy": tf.function(generate_greedy, input_signature=gen_sig[:4]),
+        "serving_default": tf.function(forward, input_signature=[{"token_ids": ids_spec, "padding_mask": mask_spec}],
+                                       autograph=False),
+        "generate": tf.function(generate, input_signature=gen_sig, autograph=False),
+        "generate_greedy": tf.function(generate_greedy, input_signature=gen_sig[:4], autograph=False),
     })
     info = {"family": spec.family, "prompt_buckets": list(buckets), "max_new_tokens_cap": max_new_tokens_cap,
             "max_length": spec.max_length, "vocabulary_size": vocab, "jit_compile": jit}

@@ -95,7 +95,7 @@ def write_xla_saved_model(model, folder: str | os.PathLike, *, buckets: Sequence
     max_len = getattr(backbone, "max_sequence_length", None)
     bks = validate_buckets(buckets, max_len) if buckets is not None else None
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def compiled(inputs):
         return normalize_outputs(model(inputs if dict_inputs else inputs[first], training=False), names)
 
@@ -114,7 +114,8 @@ def write_xla_saved_model(model, folder: str | os.PathLike, *, buckets: Sequence
             out = compiled(padded)
             return {k: (v[:, :seq] if k in seq_outputs else v) for k, v in out.items()}
 
-    write_keras_endpoints(model, folder, {signature_name: tf.function(serve, input_signature=[serving_signature(specs)])})
+    write_keras_endpoints(model, folder, {signature_name: tf.function(serve, input_signature=[serving_signature(specs)],
+                                                                   autograph=False)})
     return {"buckets": list(bks) if bks else None, "sequence_outputs": sorted(seq_outputs)}
 
 
