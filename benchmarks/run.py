@@ -53,6 +53,34 @@ def log(msg: str) -> None:
 _LOG_NOISE = ("WARNING: All log messages", "I0000", "W0000", "E0000", "WARNING:absl", "To enable the following")
 
 
+def select_rows(text: str, names: list[str]) -> tuple[set[str], list[str]]:
+    """The row names a ``--rows`` value picks, and the pieces of it that name no row.
+
+    ``--rows`` is comma-separated, but some row names hold a comma themselves ("tfaccel onnx-decoder:
+    onnxruntime fp32, KV cache"), so the longest run of comma-separated pieces that is a row name is taken first.
+
+    Example:
+        >>> chosen, unknown = select_rows("a, b,c, x", ["a", "b,c", "d"])
+        >>> sorted(chosen), unknown
+        (['a', 'b,c'], ['x'])
+    """
+    pieces = [p.strip() for p in text.split(",")]
+    known = {", ".join(p.strip() for p in n.split(",")): n for n in names}
+    chosen, unknown, i = set(), [], 0
+    while i < len(pieces):
+        for j in range(len(pieces), i, -1):
+            name = known.get(", ".join(pieces[i:j]))
+            if name is not None:
+                chosen.add(name)
+                i = j
+                break
+        else:
+            if pieces[i]:
+                unknown.append(pieces[i])
+            i += 1
+    return chosen, unknown
+
+
 def _error_text(exc: BaseException) -> str:
     """One readable line: the message without TensorFlow's start-up log lines, and a hint for a child
     process killed by SIGKILL (the kernel's out-of-memory killer, usually)."""
@@ -102,11 +130,11 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
     rows = {}
     specs = w.rows
     if args.rows:  # a subset, always with the baseline every ratio is relative to
-        wanted = {n.strip() for n in args.rows.split(",") if n.strip()}
+        wanted, unknown = select_rows(args.rows, [r.name for r in [*w.rows, *w.generation_rows]])
         specs = [r for r in w.rows if r.name in wanted or r.group == "baseline"]
-        missing = wanted - {r.name for r in w.rows}
-        if missing:
-            log(f"  --rows: {w.name} has no rows {sorted(missing)}; its rows: {', '.join(r.name for r in w.rows)}")
+        if unknown:
+            log(f"  --rows: {w.name} has no rows {unknown}; its rows: "
+                f"{' | '.join(r.name for r in [*w.rows, *w.generation_rows])}")
     for spec in specs:
         rows[spec.name] = {
             "name": spec.name, "group": spec.group, "runtime": spec.runtime, "steps": list(spec.steps),
@@ -220,7 +248,10 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
                            "sampler": spec.sampler, "rows": [], "timing": "interleaved"}
     reference_ids = None
     ready: list[tuple[dict[str, Any], Any]] = []
+    wanted = select_rows(args.rows, [g.name for g in w.generation_rows])[0] if args.rows else None
     for g in w.generation_rows:
+        if wanted is not None and g.name not in wanted and g.group != "baseline":
+            continue
         row: dict[str, Any] = {"name": g.name, "group": g.group, "steps": list(g.steps), "status": "ok",
                                "error": None, "notes": []}
         out["rows"].append(row)
@@ -458,7 +489,8 @@ def main(argv=None) -> int:
                    help="comma-separated subset of: bert-base, minilm-bbc, gpt2-small, gpt2-bbc, llama-small "
                         "(default: all)")
     p.add_argument("--rows", default=None,
-                   help="comma-separated row names to run (model.export is always included; default: all)")
+                   help="comma-separated row names to run, serving and generation rows (the baselines, model.export "
+                        "and keras-hub generate, always run; default: all)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per row and shape (default 20; quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per row and shape before timing (default 2)")
     p.add_argument("--max-seconds", type=float, default=60.0,
