@@ -30,7 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from tfaccel.core.artifact import normalize_outputs, output_names_of, serving_signature
+from tfaccel.core.artifact import (
+    graph_function,
+    normalize_outputs,
+    output_names_of,
+    serving_signature,
+)
 from tfaccel.core.files import dir_size, temporary_folder
 from tfaccel.core.processes import run_child
 from tfaccel.core.source import input_specs_of_keras
@@ -106,13 +111,7 @@ def write_endpoints(folder: str | os.PathLike, endpoints: Mapping[str, Any], *, 
 
 def keras_serving_fn(model, *, jit_compile: bool = False):
     """``serving_default`` of a Keras model: named inputs with dynamic batch (and sequence) dimensions in,
-    named outputs out, as a ``tf.function``.
-
-    Traced without AutoGraph, like Keras's own ``model.export`` and ``fit``: Keras and keras-hub layers are written
-    for that (their control flow is ``ops.cond`` / ``ops.while_loop``), and converting their code costs tracing
-    time for nothing (about 4% of an export or generate step on the tiny keras-hub families). tfaccel's other
-    serving functions are traced the same way."""
-    import tensorflow as tf
+    named outputs out, as a ``tf.function`` (:func:`tfaccel.core.artifact.graph_function`: no AutoGraph)."""
 
     specs, dict_inputs = input_specs_of_keras(model)
     names = output_names_of(model)
@@ -122,8 +121,7 @@ def keras_serving_fn(model, *, jit_compile: bool = False):
         x = inputs if dict_inputs else inputs[first]
         return normalize_outputs(model(x, training=False), names)
 
-    return tf.function(serve, input_signature=[serving_signature(specs)], jit_compile=jit_compile or None,
-                       autograph=False)
+    return graph_function(serve, input_signature=[serving_signature(specs)], jit_compile=jit_compile or None)
 
 
 def write_keras_endpoints(model, folder: str | os.PathLike, endpoints: Mapping[str, Any]) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tfaccel.core.artifact import Artifact
+from tfaccel.core.artifact import Artifact, graph_function
 from tfaccel.core.step import Step, StepContext
 from tfaccel.core.validation import Tolerance
 from tfaccel.errors import PlanError, StepError
@@ -169,8 +169,7 @@ def write_by_batch_saved_model(qmodel, folder, xla_max_batch: int) -> list[str]:
         rows = tf.shape(tf.nest.flatten(inputs)[0])[0]
         return tf.cond(rows <= xla_max_batch, lambda: small(inputs), lambda: large(inputs))
 
-    write_keras_endpoints(qmodel, folder, {"serving_default": tf.function(serve, input_signature=[signature],
-                                                                             autograph=False)})
+    write_keras_endpoints(qmodel, folder, {"serving_default": graph_function(serve, input_signature=[signature])})
     return rewritten
 
 

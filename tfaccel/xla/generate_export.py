@@ -41,7 +41,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tfaccel.core.artifact import normalize_outputs, output_names_of
+from tfaccel.core.artifact import graph_function, normalize_outputs, output_names_of
 from tfaccel.errors import PlanError
 from tfaccel.xla.xla_export import validate_buckets
 
@@ -134,7 +134,7 @@ def make_decode_fn(causal_lm, prompt_len: int, max_new_cap: int, jit_compile: bo
     spec = spec or causal_lm_spec(causal_lm)
     total = prompt_len + max_new_cap
 
-    @tf.function(jit_compile=jit_compile or None, autograph=False)
+    @graph_function(jit_compile=jit_compile or None)
     def decode(token_ids, padding_mask, max_new_tokens, stop_token_id, top_k, top_p, temperature, seed):
         batch = tf.shape(token_ids)[0]
         ids = tf.pad(token_ids, [[0, 0], [0, max_new_cap]])
@@ -261,10 +261,9 @@ def write_generate_saved_model(causal_lm, folder: str | os.PathLike, *, max_new_
     from tfaccel.saved_model import write_keras_endpoints
 
     write_keras_endpoints(causal_lm, folder, {  # each weight stored once (keras-team/keras#23553)
-        "serving_default": tf.function(forward, input_signature=[{"token_ids": ids_spec, "padding_mask": mask_spec}],
-                                       autograph=False),
-        "generate": tf.function(generate, input_signature=gen_sig, autograph=False),
-        "generate_greedy": tf.function(generate_greedy, input_signature=gen_sig[:4], autograph=False),
+        "serving_default": graph_function(forward, input_signature=[{"token_ids": ids_spec, "padding_mask": mask_spec}]),
+        "generate": graph_function(generate, input_signature=gen_sig),
+        "generate_greedy": graph_function(generate_greedy, input_signature=gen_sig[:4]),
     })
     info = {"family": spec.family, "prompt_buckets": list(buckets), "max_new_tokens_cap": max_new_tokens_cap,
             "max_length": spec.max_length, "vocabulary_size": vocab, "jit_compile": jit}

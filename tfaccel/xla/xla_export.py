@@ -21,7 +21,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tfaccel.core.artifact import normalize_outputs, output_names_of, serving_signature
+from tfaccel.core.artifact import (
+    graph_function,
+    normalize_outputs,
+    output_names_of,
+    serving_signature,
+)
 from tfaccel.core.source import input_specs_of_keras
 from tfaccel.saved_model import write_keras_endpoints
 
@@ -95,7 +100,7 @@ def write_xla_saved_model(model, folder: str | os.PathLike, *, buckets: Sequence
     max_len = getattr(backbone, "max_sequence_length", None)
     bks = validate_buckets(buckets, max_len) if buckets is not None else None
 
-    @tf.function(jit_compile=True, autograph=False)
+    @graph_function(jit_compile=True)
     def compiled(inputs):
         return normalize_outputs(model(inputs if dict_inputs else inputs[first], training=False), names)
 
@@ -114,8 +119,7 @@ def write_xla_saved_model(model, folder: str | os.PathLike, *, buckets: Sequence
             out = compiled(padded)
             return {k: (v[:, :seq] if k in seq_outputs else v) for k, v in out.items()}
 
-    write_keras_endpoints(model, folder, {signature_name: tf.function(serve, input_signature=[serving_signature(specs)],
-                                                                   autograph=False)})
+    write_keras_endpoints(model, folder, {signature_name: graph_function(serve, input_signature=[serving_signature(specs)])})
     return {"buckets": list(bks) if bks else None, "sequence_outputs": sorted(seq_outputs)}
 
 
