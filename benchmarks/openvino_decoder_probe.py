@@ -67,39 +67,33 @@ def compress_int8(model):
     return model
 
 
-class OpenVINODecoder:
-    """Greedy decoding with an OpenVINO-compiled tfaccel decoder graph (cache fed back each step)."""
+def openvino_decoder(folder, model, native: bool):
+    """A tfaccel decoder folder's graph (``model``: read and perhaps compressed here) compiled by OpenVINO, as a
+    tfaccel Generator: the package's greedy loop and teacher-forced logits around OpenVINO's decode step."""
+    import openvino as ov
 
-    def __init__(self, model, layout, native: bool):
-        import openvino as ov
+    from tfaccel.generation.generators import _CacheDecoder
 
-        self.request = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-        self.layout, self.native = layout, native
+    class OpenVINODecoder(_CacheDecoder):
+        kind = "openvino_decoder"
 
-    def _step(self, x, past, past_len):
-        feed = {"input_ids": x, "attention_mask": np.ones((x.shape[0], past_len + x.shape[1]), np.int32), **past}
-        if self.native:
-            feed["logits_from"] = np.array([x.shape[1] - 1], np.int64)
-        out = self.request.infer(feed)
-        return out["logits"][:, -1], {n: out[n.replace("past_", "present_", 1)] for n in past}
+        def __init__(self):
+            super().__init__(folder)
+            compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+            self.request = compiled.create_infer_request()
 
-    def _empty(self, batch):
-        return {n: np.zeros(self.layout.past_shape(batch), np.float32) for n in self.layout.past_names()}
+        def _step(self, x, state):  # the cache is fed back each step: OpenVINO has no in-place binding
+            x = np.ascontiguousarray(x, dtype=np.int32)
+            feed = {"input_ids": x, "attention_mask": np.ones((x.shape[0], state["past_len"] + x.shape[1]), np.int32),
+                    **state["past"]}
+            if native:
+                feed["logits_from"] = np.array([x.shape[1] - 1], np.int64)
+            out = self.request.infer(feed)
+            state["past"] = {n: out[n.replace("past_", "present_", 1)] for n in state["past"]}
+            state["past_len"] += x.shape[1]
+            return out["logits"][:, -1]
 
-    def generate(self, prompt, new):
-        x, past, past_len = prompt, self._empty(prompt.shape[0]), 0
-        for _ in range(new):
-            logits, past = self._step(x, past, past_len)
-            past_len += x.shape[1]
-            x = logits.argmax(-1).astype(np.int32)[:, None]
-
-    def stepwise_logits(self, ids, start):
-        logits, past = self._step(ids[:, :start], self._empty(ids.shape[0]), 0)
-        rows = [logits]
-        for p in range(start, ids.shape[1] - 1):
-            logits, past = self._step(ids[:, p: p + 1], past, p)
-            rows.append(logits)
-        return np.stack(rows, 1)
+    return OpenVINODecoder()
 
 
 def _build(work: Path) -> dict[str, Path]:
@@ -127,29 +121,28 @@ def main(argv=None) -> int:
     from tfaccel.compat import capabilities
     from tfaccel.core.timer import interleave
     from tfaccel.generation.generators import load_generator
-    from tfaccel.onnx.decoder_export import read_layout
 
     work = Path(args.work or tempfile.mkdtemp(prefix="tfaccel-ov-decoder-"))
     work.mkdir(parents=True, exist_ok=True)
     paths = _build(work)
     core = ov.Core()
-    onnx_of = lambda folder: str(folder / "decoder.onnx")  # noqa: E731
     ort = {name: load_generator(paths[name]) for name in ("ort fp32", "ort int8")}
-    traced_layout, _ = read_layout(paths["traced"])
-    native_layout, _ = read_layout(paths["ort fp32"])
-    ovs = {"ov fp32 (traced)": OpenVINODecoder(core.read_model(onnx_of(paths["traced"])), traced_layout, False),
-           "ov int8 (traced)": OpenVINODecoder(compress_int8(core.read_model(onnx_of(paths["traced"]))),
-                                               traced_layout, False),
-           "ov int8 (native)": OpenVINODecoder(compress_int8(core.read_model(onnx_of(paths["ort fp32"]))),
-                                               native_layout, True)}
+    read = lambda folder: core.read_model(str(folder / "decoder.onnx"))  # noqa: E731
+    ovs = {"ov fp32 (traced)": openvino_decoder(paths["traced"], read(paths["traced"]), False),
+           "ov int8 (traced)": openvino_decoder(paths["traced"], compress_int8(read(paths["traced"])), False),
+           "ov int8 (native)": openvino_decoder(paths["ort fp32"], compress_int8(read(paths["ort fp32"])), True)}
+    decoders = {**ort, **ovs}
 
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 50000, (4, 2 * PROMPT)).astype(np.int32)
-    ref = [ort["ort fp32"].stepwise_logits(ids[r: r + 1], PROMPT)[:, PROMPT - 1: 2 * PROMPT - 1] for r in range(4)]
+
+    def next_token_logits(name, row):  # one prompt at a time: OpenVINO's native graph runs batch 1 only
+        return decoders[name].stepwise_logits(ids[row: row + 1], PROMPT)[:, PROMPT - 1: 2 * PROMPT - 1]
+
+    ref = [next_token_logits("ort fp32", r) for r in range(4)]
     cosine = {}
-    for name, dec in [("ort int8", None), *ovs.items()]:
-        got = [(ort[name].stepwise_logits(ids[r: r + 1], PROMPT)[:, PROMPT - 1: 2 * PROMPT - 1] if dec is None
-                else dec.stepwise_logits(ids[r: r + 1], PROMPT)) for r in range(4)]
+    for name in ["ort int8", *ovs]:
+        got = [next_token_logits(name, r) for r in range(4)]
         cosine[name] = min(float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min())
                            for a, b in zip(ref, got, strict=True))
     caps = capabilities()
@@ -157,12 +150,11 @@ def main(argv=None) -> int:
           f"cores); OpenVINO {ov.__version__}; load average {os.getloadavg()[0]:.2f} before timing\n")
     print("| decoder | next-token cosine min vs ort fp32 | batch 1 tokens/s | vs ort int8 | batch 8 tokens/s | vs ort int8 |")
     print("|---|---|---|---|---|---|")
-    table: dict[str, list[str]] = {name: [] for name in [*ort, *ovs]}
+    table: dict[str, list[str]] = {name: [] for name in decoders}
     for batch in (1, 8):
         prompt = rng.integers(1, 50000, (batch, PROMPT)).astype(np.int32)
-        calls = {name: (lambda g=g, p=prompt: g.generate(p, NEW)) for name, g in ort.items()}
-        calls.update({name: (lambda d=d, p=prompt: d.generate(p, NEW)) for name, d in ovs.items()
-                      if batch == 1 or "native" not in name})
+        calls = {name: (lambda g=g, p=prompt: g.generate(p, NEW)) for name, g in decoders.items()
+                 if batch == 1 or "native" not in name}
         timing = interleave(calls, runs=args.runs, warmup=1, max_seconds=None)
         base = timing.measurements["ort int8"].p50_ms
         for name in table:

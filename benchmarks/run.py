@@ -128,7 +128,7 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
     ctx = wl.BuildContext(source=source, work_dir=work_dir, log=log, shapes=w.shapes, step_options=w.step_options)
     built: dict[str, wl.Built] = {}
     rows = {}
-    specs = w.rows
+    specs, wanted = w.rows, None  # wanted: the --rows subset (serving and generation rows), None: every row
     if args.rows:  # a subset, always with the baseline every ratio is relative to
         wanted, unknown = select_rows(args.rows, [r.name for r in [*w.rows, *w.generation_rows]])
         specs = [r for r in w.rows if r.name in wanted or r.group == "baseline"]
@@ -218,8 +218,8 @@ def run_workload(w: wl.Workload, work_dir: Path, args) -> dict[str, Any]:
     gc.collect()
 
     if w.generation is not None:
-        result["generation"] = run_generation(w, ctx, args)
-        result["more_generation"] = [run_generation(w, ctx, args, spec=s) for s in w.more_generation]
+        result["generation"] = run_generation(w, ctx, args, wanted=wanted)
+        result["more_generation"] = [run_generation(w, ctx, args, spec=s, wanted=wanted) for s in w.more_generation]
     result["seconds"] = time.perf_counter() - t_start
     return result
 
@@ -232,7 +232,8 @@ def _loadavg() -> float | None:
         return None
 
 
-def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.GenerationSpec | None = None) -> dict[str, Any]:
+def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.GenerationSpec | None = None,
+                   wanted: set[str] | None = None) -> dict[str, Any]:
     """Time every generation row: each row is built, loaded and warmed up (one untimed generation:
     tracing, session set-up), then the rows' timed whole generations (a quarter of --runs, at least 3)
     are interleaved by :func:`tfaccel.core.timer.interleave`, one generation per row in turn, so load from other work on the machine falls on
@@ -248,7 +249,6 @@ def run_generation(w: wl.Workload, ctx: wl.BuildContext, args, spec: wl.Generati
                            "sampler": spec.sampler, "rows": [], "timing": "interleaved"}
     reference_ids = None
     ready: list[tuple[dict[str, Any], Any]] = []
-    wanted = select_rows(args.rows, [g.name for g in w.generation_rows])[0] if args.rows else None
     for g in w.generation_rows:
         if wanted is not None and g.name not in wanted and g.group != "baseline":
             continue
