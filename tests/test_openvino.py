@@ -110,6 +110,24 @@ def test_throughput_hint_splits_the_batch_and_gives_the_same_outputs(bert_tiny, 
         assert runner.stats()["performance_hint"] == hint and runner.stats()["infer_requests"] >= 1
 
 
+def test_a_new_shape_reaches_every_request_of_the_pool_one_at_a_time_before_they_run_together(bert_tiny, ov_run):
+    """The throughput pool's requests first run a new chunk shape one by one (OpenVINORunner._specialise), each
+    of them: concurrent first inferences at a new shape have given wrong rows and hangs."""
+    from tfaccel.openvino import OpenVINORunner
+
+    report, out = ov_run
+    runner = OpenVINORunner(_stage(report, out, 2), hint="throughput")
+    part = {k: np.ascontiguousarray(v[:3].astype(np.int32)) for k, v in bert_tiny.make_inputs(3, 12, seed=5).items()}
+    runner._specialise([part])
+    assert runner.requests >= 1 and len(runner._specialised) == 1
+    for j in range(runner.requests):  # FIFO: each request ran the new shape once
+        assert tuple(runner._queue[j].get_tensor("token_ids").shape) == (3, 12), j
+    x = bert_tiny.make_inputs(5, 12, seed=6)  # chunks of 3 and 2 on two requests: one shape more
+    latency = OpenVINORunner(_stage(report, out, 2), hint="latency")(x)["logits"]
+    np.testing.assert_allclose(runner(x)["logits"], latency, atol=1e-5)
+    assert len(runner._specialised) == (2 if runner.requests >= 2 else 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Hardware decisions: both branches
 

@@ -213,7 +213,8 @@ class OpenVINORunner:
 
     - "latency": one infer request using every thread (OpenVINO's own default on CPU).
     - "throughput": the plugin's streams (e.g. 2 streams of 1 thread on 2 cores); a batch is split across as
-      many infer requests, run concurrently, as a server does with concurrent requests.
+      many infer requests, run concurrently, as a server does with concurrent requests (a chunk shape the
+      requests have not run yet goes to them one at a time first: :meth:`_specialise`).
     - "auto": both compiled once; a batch smaller than the throughput streams runs latency-style, a larger one
       is split (measured on minilm-bbc int8 at 32x128: 1.5x the latency hint's speed, and the latency hint
       1.2x at 1x128).
@@ -241,6 +242,7 @@ class OpenVINORunner:
         core = ov.Core()
         model = core.read_model(str(xml))
         self._latency = self._throughput = None
+        self._specialised: set[tuple] = set()  # chunk shapes every request of the throughput pool has run
         if self.hint in ("latency", "auto"):
             self._latency = core.compile_model(model, "CPU", compile_config(precision, "latency", threads))
             self._request = self._latency.create_infer_request()
@@ -274,13 +276,35 @@ class OpenVINORunner:
         batch = len(next(iter(feed.values())))
         if self._latency is None or (self._throughput is not None and batch >= self.requests > 1):
             chunks = np.array_split(np.arange(batch), max(1, min(self.requests, batch)))
+            parts = [{k: v[idx[0]: idx[-1] + 1] for k, v in feed.items()} for idx in chunks]
+            self._specialise(parts)
             self._parts = {}
-            for i, idx in enumerate(chunks):
-                self._queue.start_async({k: v[idx[0]: idx[-1] + 1] for k, v in feed.items()}, i)
+            for i, part in enumerate(parts):
+                self._queue.start_async(part, i)
             self._queue.wait_all()
             return {n: np.concatenate([self._parts[i][n] for i in range(len(chunks))]) for n in self.output_names}
         result = self._request.infer(feed)
         return {o.get_any_name(): np.array(result[o]) for o in self._latency.outputs}
+
+    def _specialise(self, parts: list[dict[str, np.ndarray]]) -> None:
+        """Run each new chunk shape on every request of the throughput pool, one request at a time.
+
+        An infer request specialises to an input shape on its first inference there (allocation, shape
+        inference, kernel choice). Started together, the pool's requests do that concurrently: on this CPU
+        plugin that once returned wrong rows here (minilm-bbc's ``openvino`` stage scored 0.880 against 0.930
+        in one suite run, outputs on the sample inputs still exact; not reproduced in 55 runs since), and
+        others saw ``AsyncInferQueue.wait_all`` hang on it (ultralytics/ultralytics#25921, #25923). So a new
+        shape is first run request by request: the queue hands out idle requests in FIFO order, so
+        ``requests`` one-at-a-time runs reach each request once. Later calls at that shape run concurrently.
+        """
+        for part in parts:
+            shape = tuple(sorted((k, v.shape) for k, v in part.items()))
+            if shape in self._specialised:
+                continue
+            for _ in range(self.requests):
+                self._queue.start_async(part, -1)
+                self._queue.wait_all()
+            self._specialised.add(shape)
 
     def stats(self) -> dict[str, Any]:
         """How the plugin runs: inference precision, performance hint, threads (and streams, requests)."""
