@@ -290,11 +290,12 @@ class OpenVINORunner:
         """Run each new chunk shape on every request of the throughput pool, one request at a time.
 
         An infer request specialises to an input shape on its first inference there (allocation, shape
-        inference, kernel choice). Started together, the pool's requests do that concurrently: on this CPU
-        plugin that once returned wrong rows here (minilm-bbc's ``openvino`` stage scored 0.880 against 0.930
-        in one suite run, outputs on the sample inputs still exact; not reproduced in 55 runs since), and
-        others saw ``AsyncInferQueue.wait_all`` hang on it (ultralytics/ultralytics#25921, #25923). So a new
-        shape is first run request by request: the queue hands out idle requests in FIFO order, so
+        inference, kernel choice); started together, the pool's requests do that concurrently. This path once
+        gave wrong rows here (minilm-bbc's ``openvino`` stage scored 0.880 against 0.930 in one suite run while
+        its outputs on the sample inputs were exact; not reproduced since, in 25 fresh runners and 30 calls of
+        one beside other load), and others saw ``AsyncInferQueue.wait_all`` hang at a new shape
+        (ultralytics/ultralytics#25921, #25923): the concurrent first inference is the suspected cause of both.
+        So a new shape is first run request by request: the queue hands out idle requests in FIFO order, so
         ``requests`` one-at-a-time runs reach each request once. Later calls at that shape run concurrently.
         """
         for part in parts:
