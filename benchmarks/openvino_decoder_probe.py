@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tfaccel.generation.generators import _CacheDecoder  # light: no TensorFlow at import
+
 PROMPT, NEW = 32, 64
 
 
@@ -67,33 +69,29 @@ def compress_int8(model):
     return model
 
 
-def openvino_decoder(folder, model, native: bool):
-    """A tfaccel decoder folder's graph (``model``: read and perhaps compressed here) compiled by OpenVINO, as a
-    tfaccel Generator: the package's greedy loop and teacher-forced logits around OpenVINO's decode step."""
-    import openvino as ov
+class OpenVINODecoder(_CacheDecoder):
+    """A tfaccel decoder folder's graph (``model``: read and perhaps compressed by the caller) compiled by OpenVINO,
+    as a tfaccel Generator: the package's greedy loop and teacher-forced logits around OpenVINO's decode step."""
 
-    from tfaccel.generation.generators import _CacheDecoder
+    kind = "openvino_decoder"
 
-    class OpenVINODecoder(_CacheDecoder):
-        kind = "openvino_decoder"
+    def __init__(self, folder, model, native: bool):
+        import openvino as ov
 
-        def __init__(self):
-            super().__init__(folder)
-            compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
-            self.request = compiled.create_infer_request()
+        super().__init__(folder)
+        self.native = native
+        self.request = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
 
-        def _step(self, x, state):  # the cache is fed back each step: OpenVINO has no in-place binding
-            x = np.ascontiguousarray(x, dtype=np.int32)
-            feed = {"input_ids": x, "attention_mask": np.ones((x.shape[0], state["past_len"] + x.shape[1]), np.int32),
-                    **state["past"]}
-            if native:
-                feed["logits_from"] = np.array([x.shape[1] - 1], np.int64)
-            out = self.request.infer(feed)
-            state["past"] = {n: out[n.replace("past_", "present_", 1)] for n in state["past"]}
-            state["past_len"] += x.shape[1]
-            return out["logits"][:, -1]
-
-    return OpenVINODecoder()
+    def _step(self, x, state):  # the cache is fed back each step: OpenVINO has no in-place binding
+        x = np.ascontiguousarray(x, dtype=np.int32)
+        feed = {"input_ids": x, "attention_mask": np.ones((x.shape[0], state["past_len"] + x.shape[1]), np.int32),
+                **state["past"]}
+        if self.native:
+            feed["logits_from"] = np.array([x.shape[1] - 1], np.int64)
+        out = self.request.infer(feed)
+        state["past"] = {n: out[n.replace("past_", "present_", 1)] for n in state["past"]}
+        state["past_len"] += x.shape[1]
+        return out["logits"][:, -1]
 
 
 def _build(work: Path) -> dict[str, Path]:
@@ -128,9 +126,9 @@ def main(argv=None) -> int:
     core = ov.Core()
     ort = {name: load_generator(paths[name]) for name in ("ort fp32", "ort int8")}
     read = lambda folder: core.read_model(str(folder / "decoder.onnx"))  # noqa: E731
-    ovs = {"ov fp32 (traced)": openvino_decoder(paths["traced"], read(paths["traced"]), False),
-           "ov int8 (traced)": openvino_decoder(paths["traced"], compress_int8(read(paths["traced"])), False),
-           "ov int8 (native)": openvino_decoder(paths["ort fp32"], compress_int8(read(paths["ort fp32"])), True)}
+    ovs = {"ov fp32 (traced)": OpenVINODecoder(paths["traced"], read(paths["traced"]), False),
+           "ov int8 (traced)": OpenVINODecoder(paths["traced"], compress_int8(read(paths["traced"])), False),
+           "ov int8 (native)": OpenVINODecoder(paths["ort fp32"], compress_int8(read(paths["ort fp32"])), True)}
     decoders = {**ort, **ovs}
 
     rng = np.random.default_rng(0)

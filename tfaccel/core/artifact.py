@@ -135,7 +135,6 @@ class KerasRunner:
     """Calls a Keras model through one tf.function (graph mode, like a plain export)."""
 
     def __init__(self, model, dict_inputs: bool = True):
-
         from tfaccel.core.source import input_specs_of_keras
 
         self.model = model

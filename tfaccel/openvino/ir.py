@@ -268,6 +268,8 @@ class OpenVINORunner:
                                    // max(1, int(self._throughput.get_property("NUM_STREAMS"))))
 
     def _collect(self, request, index) -> None:
+        if index < 0:  # a _specialise run: its outputs are not kept
+            return
         self._parts[index] = {n: np.array(request.get_tensor(n).data) for n in self.output_names}
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
