@@ -122,10 +122,12 @@ def test_a_new_shape_reaches_every_request_of_the_pool_one_at_a_time_before_they
     assert runner.requests >= 1 and len(runner._specialised) == 1
     for j in range(runner.requests):  # FIFO: each request ran the new shape once
         assert tuple(runner._queue[j].get_tensor("token_ids").shape) == (3, 12), j
-    x = bert_tiny.make_inputs(5, 12, seed=6)  # chunks of 3 and 2 on two requests: one shape more
+    x = bert_tiny.make_inputs(5, 12, seed=6)  # e.g. chunks of 3 and 2 on two requests: one shape more
     latency = OpenVINORunner(_stage(report, out, 2), hint="latency")(x)["logits"]
     np.testing.assert_allclose(runner(x)["logits"], latency, atol=1e-5)
-    assert len(runner._specialised) == (2 if runner.requests >= 2 else 1)
+    # the pool size follows the CPU's cores (OpenVINO's streams), so the chunk sizes are derived, not assumed
+    sizes = {len(c) for c in np.array_split(np.arange(5), min(runner.requests, 5))}
+    assert len(runner._specialised) == 1 + len(sizes - {3}), (runner.requests, sizes)
 
 
 # ---------------------------------------------------------------------------------------------------
