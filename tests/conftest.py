@@ -119,6 +119,14 @@ def minilm_bbc():
     return load_source("minilm-bbc", progress=print)
 
 
+def graph_nodes(saved_model_dir):
+    """Every node of a SavedModel's serving_default graph, its functions' bodies included."""
+    import tensorflow as tf
+
+    gd = tf.saved_model.load(str(saved_model_dir)).signatures["serving_default"].graph.as_graph_def()
+    return [n for f in gd.library.function for n in f.node_def] + list(gd.node)
+
+
 def run_python(code: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter of this venv (no tfaccel unless the code imports it)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import graph_nodes, run_python
 
 from tfaccel.core.artifact import KerasRunner, SavedModelRunner
 from tfaccel.export import export_saved_model
@@ -50,6 +50,32 @@ def test_saved_model_cli_run_serves_it(bert_tiny, exported):
     result = check_servable(exported, inputs=bert_tiny.sample_inputs)
     want = KerasRunner(bert_tiny.model)(bert_tiny.sample_inputs)["logits"]
     np.testing.assert_allclose(result["outputs"]["logits"], want, atol=1e-5)
+
+
+def test_products_2d_writes_each_weight_product_as_one_matmul_with_the_same_outputs(bert_tiny, exported, tmp_path):
+    from tfaccel.quantization.quantization_config import leaf_layers
+
+    path = export_saved_model(bert_tiny.model, tmp_path / "sm", products="2d")
+    plain, ops = [n.op for n in graph_nodes(exported)], [n.op for n in graph_nodes(path)]
+    # the float32 default ("auto") keeps Keras' einsums; "2d" turns each into one MatMul
+    assert plain.count("Einsum") == 8 and "Einsum" not in ops
+    assert ops.count("MatMul") == plain.count("MatMul") + plain.count("Einsum")
+    for batch, seq in [(1, 5), (3, 40)]:
+        x = bert_tiny.make_inputs(batch, seq, seed=batch)
+        np.testing.assert_allclose(SavedModelRunner(str(path))(x)["logits"],
+                                   KerasRunner(bert_tiny.model)(x)["logits"], atol=1e-5)
+    served = check_servable(path, inputs=bert_tiny.sample_inputs)["outputs"]["logits"]  # saved_model_cli
+    np.testing.assert_allclose(served, KerasRunner(bert_tiny.model)(bert_tiny.sample_inputs)["logits"], atol=1e-5)
+    assert not [layer.path for layer in leaf_layers(bert_tiny.model) if "call" in vars(layer)]  # model unchanged
+
+
+def test_products_option_names_its_choices():
+    from tfaccel.export import ExportStep
+
+    with pytest.raises(ValueError, match=r"products must be one of \('keras', '2d', 'auto'\)"):
+        ExportStep(products="einsum")
+    with pytest.raises(ValueError, match="products must be one of"):
+        export_saved_model(None, "unused", products="3d")
 
 
 def test_servable_check_rejects_a_folder_that_is_not_a_saved_model(tmp_path):

@@ -143,6 +143,16 @@ def test_mixed_precision_steps_export_a_servable_model(bert_tiny, tmp_path):
     ref = KerasRunner(bert_tiny.model)(x)["logits"]
     cos = np.sum(ref * served, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(served, axis=-1))
     assert served.dtype == np.float32 and cos.min() > 0.99
+    # the export of a bfloat16 model writes its products 2-D (export products="auto"), checked as bfloat16
+    export = report.stage("export")
+    assert any("2-D MatMul" in n and "bfloat16" in n for n in export.notes), export.notes
+    assert export.tolerance["min_cosine"] == 0.9999 and export.tolerance["max_abs_diff"] is None
+    import tensorflow as tf
+    from conftest import graph_nodes
+
+    nodes = graph_nodes(report.final_saved_model_path)
+    assert "Einsum" not in [n.op for n in nodes]
+    assert "bfloat16" in {tf.dtypes.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "MatMul"}
 
 
 def test_half_precision_hardware_check_explains_itself():

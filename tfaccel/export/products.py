@@ -1,0 +1,115 @@
+"""How a float SavedModel's weight products are written: Keras' own ops, or one 2-D ``MatMul`` each.
+
+keras-hub's attention projections are ``EinsumDense`` layers (``"abc,cde->abde"``), which TensorFlow runs as
+``Einsum``, and a ``Dense`` on a ``[batch, sequence, hidden]`` input is a broadcasting ``BatchMatMulV2``.
+Written instead as one 2-D ``MatMul`` on ``[batch * sequence, K]`` rows (reshaped back after), each product
+reaches oneDNN's plain inner product. The numbers are the same products (float32: max abs diff ~1e-6); only the
+kernels differ. Measured on minilm-bbc, against the same export with Keras' ops (benchmarks/RESULTS.md):
+
+- float32: 1.01x / 1.14x at 1x128 / 32x128 on an AMD Zen 4, 0.99-1.04x / 1.09-1.12x on an Intel Ice Lake (two runs);
+- under ``mixed_bfloat16`` on a CPU with bf16 instructions (Zen 4): 1.12x / 1.71x ``model.export``, against
+  1.08x / 1.38x with Keras' ops, because oneDNN's bf16 inner product uses the CPU's bf16 dot instructions
+  where TensorFlow's bf16 einsum does not.
+
+Int8-quantized layers are left to :mod:`tfaccel.quantization.int8_kernels` (which writes them 2-D too), and
+the rewrite is active only while a serving function is traced (:func:`products_2d`): the Keras model itself is
+unchanged, and the SavedModel holds plain TensorFlow ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+#: What the ``export`` step's ``products`` option accepts.
+PRODUCTS = ("keras", "2d")
+
+
+def default_products(model) -> str:
+    """``"2d"`` for a model whose layers compute in bfloat16 (a ``mixed_bfloat16`` model), else ``"keras"``.
+
+    Under ``mixed_bfloat16`` the 2-D form was faster at both shapes measured on a CPU with bf16 instructions
+    (module docstring). On a CPU without them bfloat16 is emulated at 0.4-0.5x float32 in either form (Ice Lake:
+    0.52x / 0.40x with Keras' ops, 0.49x / 0.39x as 2-D products), so there is no CPU to tell apart. In float32
+    the export stays what ``model.export`` writes.
+    """
+    from tfaccel.quantization.quantization_config import leaf_layers
+
+    dtypes = {getattr(layer, "compute_dtype", None) for layer in leaf_layers(model) if _layout(layer) is not None}
+    return "2d" if "bfloat16" in dtypes else "keras"
+
+
+def _layout(layer):
+    """``(K, free output shape, input axes contracted)`` of a float Dense / EinsumDense product, or None."""
+    import keras
+
+    from tfaccel.quantization.int8_kernels import einsum_as_matmul
+
+    if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+        return None
+    kernel = getattr(layer, "_kernel", None)
+    if kernel is None:
+        return None
+    shape = tuple(int(d) for d in kernel.shape)
+    if type(layer) is keras.layers.Dense:
+        return shape[0], shape[1:], 1
+    if type(layer) is keras.layers.EinsumDense:
+        found = einsum_as_matmul(layer.equation, shape)
+        if found is None:  # e.g. a kernel axis that is also an output batch axis: stays an einsum
+            return None
+        _, k, free = found
+        return k, tuple(free), len(shape) - len(free)
+    return None
+
+
+def _call_2d(layer, k: int, free: tuple[int, ...], n_contracted: int):
+    import tensorflow as tf
+
+    n = math.prod(free)
+
+    def call(inputs, training=None):
+        x = tf.convert_to_tensor(inputs)
+        lead = tf.shape(x)[: x.shape.rank - n_contracted]
+        # layer.kernel is read inside Layer.__call__'s autocast scope: the compute dtype under a mixed policy
+        y = tf.linalg.matmul(tf.reshape(x, [-1, k]), tf.reshape(layer.kernel, [k, n]))
+        y = tf.reshape(y, tf.concat([lead, tf.constant(free, tf.int32)], 0))
+        if layer.bias is not None:
+            y = y + tf.cast(layer.bias, y.dtype)
+        if layer.activation is not None:
+            y = layer.activation(y)
+        return y
+
+    return call
+
+
+@contextlib.contextmanager
+def products_2d(model) -> Iterator[list[str]]:
+    """While active, every float ``Dense`` / ``EinsumDense`` product of ``model`` runs as one 2-D MatMul.
+
+    Trace the serving function inside this context; the traced graph keeps the form.
+
+    Args:
+        model: a built Keras model.
+
+    Yields:
+        The paths of the layers rewritten (an einsum that is not one matrix product is left as it is).
+
+    Example:
+        >>> with products_2d(model) as rewritten:  # doctest: +SKIP
+        ...     write_saved_model(model, "out")
+    """
+    from tfaccel.quantization.quantization_config import leaf_layers
+
+    patched = []
+    try:
+        for layer in leaf_layers(model):
+            layout = _layout(layer)
+            if layout is None:
+                continue
+            layer.call = _call_2d(layer, *layout)  # instance attribute: Layer.__call__ dispatches to it
+            patched.append(layer)
+        yield [layer.path for layer in patched]
+    finally:
+        for layer in patched:
+            del layer.call
