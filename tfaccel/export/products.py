@@ -70,8 +70,6 @@ def _call_2d(layer, k: int, free: tuple[int, ...], n_contracted: int):
 
     def call(inputs, training=None):
         x = tf.convert_to_tensor(inputs)
-        if x.shape.rank is None:  # no rank to reshape back to: Keras' own product
-            return type(layer).call(layer, inputs, training=training)
         lead = tf.shape(x)[: x.shape.rank - n_contracted]
         # layer.kernel is read inside Layer.__call__'s autocast scope: the compute dtype under a mixed policy
         y = tf.linalg.matmul(tf.reshape(x, [-1, k]), tf.reshape(layer.kernel, [k, n]))
