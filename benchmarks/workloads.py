@@ -270,18 +270,32 @@ def build_chain(chain: tuple[str, ...], ctx: BuildContext):
     return built.artifact, built.seconds
 
 
-def tfaccel_row(chain: Sequence[str], name: str | None = None) -> RowSpec:
-    """A row that runs tfaccel pipeline steps in order and serves the last artifact."""
+def tfaccel_row(chain: Sequence[str], name: str | None = None, options: dict[str, dict[str, Any]] | None = None,
+                requires: Callable[[], str | None] | None = None) -> RowSpec:
+    """A row that runs tfaccel pipeline steps in order and serves the last artifact.
+
+    ``options`` are this row's step options (step name -> options, over the workload's), e.g.
+    ``{"export": {"products": "keras"}}``; ``requires()`` says why the row does not apply here (None: it does),
+    read from :func:`tfaccel.compat.capabilities` for a comparison that only means something on some hardware.
+    """
     chain = tuple(chain)
 
     def build(ctx: BuildContext) -> Built:
-        reason = not_applicable_reason(chain, ctx)
+        reason = not_applicable_reason(chain, ctx) or (requires() if requires else None)
         if reason:
             raise NotApplicable(reason)
         steps = planned_chain(chain, ctx)
         if steps[len(chain):] == ("export",) and _produced_kind(chain) in ("onnx_decoder", "tensorrt_decoder"):
             steps = chain  # a decoder row serves its decoder, not the SavedModel plan() appends for the run
-        artifact, total = build_chain(steps, ctx)
+        if options:
+            merged = {**ctx.step_options, **{k: {**ctx.step_options.get(k, {}), **v} for k, v in options.items()}}
+            label = "+".join(f"{n}({','.join(f'{k}={v}' for k, v in sorted(options[n].items()))})" if n in options
+                             else n for n in steps)
+            done = ctx.builder.build(label, [make_step(n, merged) for n in steps])
+            artifact, total = done.artifact, done.seconds
+            artifact.info = dict(artifact.info, notes=list(done.notes))
+        else:
+            artifact, total = build_chain(steps, ctx)
         return Built(load=artifact.runner, size_bytes=artifact.size_bytes(), kind=artifact.kind,
                      path=artifact.path, build_seconds=total, notes=list(artifact.info.get("notes", [])),
                      steps=steps)
@@ -321,11 +335,26 @@ def _produced_kind(chain: tuple[str, ...]) -> str:
     return "saved_model" if kind == "keras" else kind
 
 
+def _native_bf16() -> str | None:
+    from tfaccel.compat import capabilities
+
+    native, why = capabilities().half_precision("mixed_bfloat16")
+    return None if native else f"compares two bf16 forms where bf16 is native; here {why}"
+
+
+#: The ``mixed_bfloat16`` row's export writes 2-D products (export ``products="auto"``); this row keeps Keras'
+#: einsums, so a bf16 CPU measures what that default buys (RESULTS.md: 1.71x against 1.38x at 32x128 on a Zen 4).
+BF16_EINSUM_ROW = "tfaccel mixed_bfloat16 with Keras' einsums (export products=keras)"
+
+
 def default_rows(extra_chains: Sequence[Sequence[str]] = ()) -> list[RowSpec]:
     rows = [keras_export_row()]
     chains = default_chains()
     chains += [tuple(c) for c in extra_chains if tuple(c) not in chains]
     rows += [tfaccel_row(c) for c in chains]
+    if ("mixed_bfloat16",) in chains:
+        rows.append(tfaccel_row(("mixed_bfloat16",), BF16_EINSUM_ROW, {"export": {"products": "keras"}},
+                                requires=_native_bf16))
     return rows
 
 
