@@ -8,8 +8,9 @@ kernels differ. Measured on minilm-bbc, against the same export with Keras' ops 
 
 - float32: 1.01x / 1.14x at 1x128 / 32x128 on an AMD Zen 4, 0.99-1.04x / 1.09-1.12x on an Intel Ice Lake (two runs);
 - under ``mixed_bfloat16`` on a CPU with bf16 instructions (Zen 4): 1.12x / 1.71x ``model.export``, against
-  1.08x / 1.38x with Keras' ops, because oneDNN's bf16 inner product uses the CPU's bf16 dot instructions
-  where TensorFlow's bf16 einsum does not.
+  1.08x / 1.38x with Keras' ops. Other kernels run: the two bfloat16 forms' outputs differ by up to 2.7e-3 on
+  minilm-bbc, where the float32 forms agree to ~1e-6 (which bfloat16 kernels TensorFlow picks for each was not
+  traced).
 
 Int8-quantized layers are left to :mod:`tfaccel.quantization.int8_kernels` (which writes them 2-D too), and
 the rewrite is active only while a serving function is traced (:func:`products_2d`): the Keras model itself is
