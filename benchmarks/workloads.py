@@ -12,7 +12,9 @@ Rows come in three groups:
 * ``tfaccel``: "run these tfaccel pipeline steps" (``tfaccel_row(("export",))``). By default there is
   one row per step in :func:`tfaccel.available_steps`, preceded by the steps that produce its input,
   so a new step shows up as a row without editing this file. A combination is one more chain in a
-  workload's ``extra_chains``, e.g. ``("int8", "xla")``.
+  workload's ``extra_chains``, e.g. ``("int8", "xla")``. A row can also carry its own step options and a
+  hardware condition read from ``tfaccel.compat`` (``tfaccel_row(chain, name, options, requires)``; e.g.
+  ``mixed_bfloat16`` exported with Keras' einsums, a row only where bf16 is native).
 * ``peer``: rows whose artifact runs in another runtime (today onnxruntime, fp32 and dynamic int8).
   They are built with tfaccel's own onnx / ort-int8 steps (tf2onnx on the tfaccel export, opset 17),
   so they are chains like the above, only grouped and labelled differently.
