@@ -42,9 +42,10 @@ def export_saved_model(model, path: str | os.PathLike, *, jit_compile: bool = Fa
         >>> tf.saved_model.load("exported").signatures["serving_default"](token_ids=..., ...)  # doctest: +SKIP
     """
     products = _checked_products(products)
+    form = default_products(model) if products == "auto" else products
     with StagedOutput(path, overwrite=overwrite, what="SavedModel folder", option="path",
                       create_parent=True) as staged:
-        _write(model, staged.path, jit_compile, products)
+        _write(model, staged.path, jit_compile, form)
         return str(staged.commit())
 
 
@@ -54,9 +55,10 @@ def _checked_products(products: str) -> str:
     return products
 
 
-def _write(model, folder, jit_compile: bool, products: str) -> list[str]:
-    """Write the SavedModel; returns the layers whose products were written as 2-D MatMuls."""
-    if (products if products != "auto" else default_products(model)) == "keras":
+def _write(model, folder, jit_compile: bool, form: str) -> list[str]:
+    """Write the SavedModel with its products in ``form`` ("keras" or "2d"); returns the layers whose products
+    were written as 2-D MatMuls."""
+    if form == "keras":
         write_saved_model(model, folder, jit_compile=jit_compile)
         return []
     with products_2d(model) as rewritten:
@@ -98,12 +100,13 @@ class ExportStep(Step):
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         ctx.log("  writing SavedModel (serving_default)")
-        rewritten = _write(artifact.model, ctx.stage_dir, self.jit_compile, self.products)
+        bf16 = default_products(artifact.model) == "2d"  # the model computes in bfloat16
+        form = ("2d" if bf16 else "keras") if self.products == "auto" else self.products
+        rewritten = _write(artifact.model, ctx.stage_dir, self.jit_compile, form)
         if rewritten:
-            half = default_products(artifact.model) == "2d"
             why = " (products=auto: the model computes in bfloat16)" if self.products == "auto" else ""
             ctx.note(f"{len(rewritten)} Dense / EinsumDense products written as one 2-D MatMul each{why}")
-            if half and not self._tolerance_given:
+            if bf16 and not self._tolerance_given:
                 # other bfloat16 kernels than the Keras model's: checked as bfloat16, not as the same float32 math
                 self.tolerance = HALF_PRODUCTS_TOLERANCE
         return Artifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names)
