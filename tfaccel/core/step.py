@@ -97,7 +97,18 @@ class Step(abc.ABC):
         if on_breach is not None and on_breach not in BREACH_POLICIES:
             raise ValueError(f"on_breach must be one of {BREACH_POLICIES}. Received: on_breach={on_breach!r}")
         self.tolerance = tolerance or self.default_tolerance
+        self.tolerance_given = tolerance is not None
         self.on_breach = on_breach
+
+    def bound_by(self, tolerance: Tolerance) -> bool:
+        """Bound this stage by ``tolerance`` instead of the step's default, where what :meth:`apply` found in its
+        input makes the default the wrong bound (a model computing in half precision, carried 4-bit products);
+        a tolerance the user gave stays. Call it from ``apply``: the pipeline reads ``self.tolerance`` after.
+        Returns whether the bound changed."""
+        if self.tolerance_given:
+            return False
+        self.tolerance = tolerance
+        return True
 
     def bind(self, source: ModelSource) -> None:
         """Choose the artifact kind this step consumes for ``source`` (set ``self.consumes``), for steps

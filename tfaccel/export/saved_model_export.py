@@ -93,7 +93,6 @@ class ExportStep(Step):
     def __init__(self, jit_compile: bool = False, products: str = "auto", **kwargs):
         super().__init__(**kwargs)
         self.jit_compile, self.products = jit_compile, _checked_products(products)
-        self._tolerance_given = kwargs.get("tolerance") is not None
 
     def params(self):
         return {"jit_compile": self.jit_compile, "products": self.products, "signature": "serving_default"}
@@ -106,7 +105,6 @@ class ExportStep(Step):
         if rewritten:
             why = " (products=auto: the model computes in bfloat16)" if self.products == "auto" else ""
             ctx.note(f"{len(rewritten)} Dense / EinsumDense products written as one 2-D MatMul each{why}")
-            if bf16 and not self._tolerance_given:
-                # other bfloat16 kernels than the Keras model's: checked as bfloat16, not as the same float32 math
-                self.tolerance = HALF_PRODUCTS_TOLERANCE
+            if bf16:  # other bfloat16 kernels than the Keras model's: checked as bfloat16, not as float32 math
+                self.bound_by(HALF_PRODUCTS_TOLERANCE)
         return Artifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names)

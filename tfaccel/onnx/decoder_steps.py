@@ -151,10 +151,10 @@ class OnnxDecoderStep(_DecoderStepBase):
             raise StepError(f"Step '{self.name}': {exc} On the command line: --set {self.name}.graph=auto.") from exc
         carried = sorted({m for layer in artifact.model._flatten_layers()
                           if (m := getattr(layer, "quantization_mode", None)) in ("gptq", "awq")})
-        if carried and self.tolerance is self.default_tolerance:
+        if carried:
             # the carried 4-bit products run on int8-quantized activations (MatMulNBits accuracy_level 4),
             # where the Keras layers multiply float activations by the dequantized weights
-            self.tolerance = CARRIED_TOLERANCE
+            self.bound_by(CARRIED_TOLERANCE)
         if carried and self._default_bounds:  # checked against the float source model: int4's bounds
             self.min_token_agreement = OrtDecoderInt4Step.default_min_token_agreement
             self.min_next_token_cosine = OrtDecoderInt4Step.default_min_next_token_cosine

@@ -67,7 +67,6 @@ class XlaStep(Step):
     half_precision_tolerance = Tolerance(max_abs_diff=None, min_cosine=0.999, max_accuracy_drop=0.01)
 
     def __init__(self, buckets=DEFAULT_BUCKETS, **kwargs):
-        self._user_tolerance = kwargs.get("tolerance") is not None
         super().__init__(**kwargs)
         self.buckets = validate_buckets(buckets) if buckets is not None else None
 
@@ -90,8 +89,7 @@ class XlaStep(Step):
         if self.buckets and not token_model:
             ctx.note("model has no token inputs: compiled per exact input shape, no sequence buckets")
         half = {lay.compute_dtype for lay in artifact.model._flatten_layers()} & {"float16", "bfloat16"}
-        if half and not self._user_tolerance:
-            self.tolerance = self.half_precision_tolerance
+        if half and self.bound_by(self.half_precision_tolerance):
             ctx.note(f"model computes in {'/'.join(sorted(half))}: tolerance set to {self.tolerance.get_config()}")
         ctx.log("  writing SavedModel with an XLA-compiled serving_default")
         info = write_xla_saved_model(artifact.model, ctx.stage_dir, buckets=buckets)
