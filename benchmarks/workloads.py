@@ -263,11 +263,19 @@ def _step_names() -> set[str]:
     return set(available_steps())
 
 
-def build_chain(chain: tuple[str, ...], ctx: BuildContext):
+def build_chain(chain: tuple[str, ...], ctx: BuildContext, options: dict[str, dict[str, Any]] | None = None):
     """The artifact after running ``chain``'s steps (the workload's chain builder reuses any prefix already
-    built; a prefix that failed fails again at once, naming its step). Returns (artifact, seconds of every
-    step of the chain); the steps' notes are in ``artifact.info["notes"]``."""
-    built = ctx.builder.build("+".join(chain) or "reference", [ctx.make_step(n) for n in chain])
+    built; a prefix that failed fails again at once, naming its step). ``options`` are a row's own step options
+    (step name -> options, over the workload's). Returns (artifact, seconds of every step of the chain); the
+    steps' notes are in ``artifact.info["notes"]``."""
+    if options:
+        merged = {**ctx.step_options, **{k: {**ctx.step_options.get(k, {}), **v} for k, v in options.items()}}
+        label = "+".join(f"{n}({','.join(f'{k}={v}' for k, v in sorted(options[n].items()))})" if n in options
+                         else n for n in chain)
+        steps = [make_step(n, merged) for n in chain]
+    else:
+        label, steps = "+".join(chain) or "reference", [ctx.make_step(n) for n in chain]
+    built = ctx.builder.build(label, steps)
     built.artifact.info = dict(built.artifact.info, notes=list(built.notes))
     return built.artifact, built.seconds
 
@@ -289,15 +297,7 @@ def tfaccel_row(chain: Sequence[str], name: str | None = None, options: dict[str
         steps = planned_chain(chain, ctx)
         if steps[len(chain):] == ("export",) and _produced_kind(chain) in ("onnx_decoder", "tensorrt_decoder"):
             steps = chain  # a decoder row serves its decoder, not the SavedModel plan() appends for the run
-        if options:
-            merged = {**ctx.step_options, **{k: {**ctx.step_options.get(k, {}), **v} for k, v in options.items()}}
-            label = "+".join(f"{n}({','.join(f'{k}={v}' for k, v in sorted(options[n].items()))})" if n in options
-                             else n for n in steps)
-            done = ctx.builder.build(label, [make_step(n, merged) for n in steps])
-            artifact, total = done.artifact, done.seconds
-            artifact.info = dict(artifact.info, notes=list(done.notes))
-        else:
-            artifact, total = build_chain(steps, ctx)
+        artifact, total = build_chain(steps, ctx, options)
         return Built(load=artifact.runner, size_bytes=artifact.size_bytes(), kind=artifact.kind,
                      path=artifact.path, build_seconds=total, notes=list(artifact.info.get("notes", [])),
                      steps=steps)
@@ -637,14 +637,7 @@ def runner_generate(chain: tuple[str, ...], options: dict[str, dict[str, Any]] |
         reason = not_applicable_reason(chain, ctx)
         if reason:
             raise NotApplicable(reason)
-        if options:
-            merged = {**ctx.step_options, **{k: {**ctx.step_options.get(k, {}), **v} for k, v in options.items()}}
-            label = "+".join(f"{n}({','.join(f'{k}={v}' for k, v in sorted(options.get(n, {}).items()))})"
-                             if n in options else n for n in chain)
-            built = ctx.builder.build(label, [make_step(n, merged) for n in chain])
-            artifact = built.artifact
-        else:
-            artifact, _ = build_chain(tuple(chain), ctx)
+        artifact, _ = build_chain(tuple(chain), ctx, options)
         gen = load_generator(artifact.path, **generator_options)
         ids = prompt["token_ids"].astype(np.int32)
         mask = prompt["padding_mask"].astype(np.int32)
