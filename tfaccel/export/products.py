@@ -43,38 +43,25 @@ def default_products(model) -> str:
 
 def _layout(layer):
     """``(K, free output shape, input axes contracted)`` of a float Dense / EinsumDense product, or None."""
-    import keras
-
-    from tfaccel.quantization.int8_kernels import einsum_as_matmul
+    from tfaccel.quantization.int8_kernels import product_layout
 
     if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
         return None
-    kernel = getattr(layer, "_kernel", None)
-    if kernel is None:
+    if getattr(layer, "_kernel", None) is None:
         return None
-    shape = tuple(int(d) for d in kernel.shape)
-    if type(layer) is keras.layers.Dense:
-        return shape[0], shape[1:], 1
-    if type(layer) is keras.layers.EinsumDense:
-        found = einsum_as_matmul(layer.equation, shape)
-        if found is None:  # e.g. a kernel axis that is also an output batch axis: stays an einsum
-            return None
-        _, k, free = found
-        return k, tuple(free), len(shape) - len(free)
-    return None
+    return product_layout(layer)
 
 
 def _call_2d(layer, k: int, free: tuple[int, ...], n_contracted: int):
     import tensorflow as tf
 
+    from tfaccel.quantization.int8_kernels import rows_product
+
     n = math.prod(free)
 
     def call(inputs, training=None):
-        x = tf.convert_to_tensor(inputs)
-        lead = tf.shape(x)[: x.shape.rank - n_contracted]
         # layer.kernel is read inside Layer.__call__'s autocast scope: the compute dtype under a mixed policy
-        y = tf.linalg.matmul(tf.reshape(x, [-1, k]), tf.reshape(layer.kernel, [k, n]))
-        y = tf.reshape(y, tf.concat([lead, tf.constant(free, tf.int32)], 0))
+        y = rows_product(inputs, k, free, n_contracted, lambda rows: tf.linalg.matmul(rows, tf.reshape(layer.kernel, [k, n])))
         if layer.bias is not None:
             y = y + tf.cast(layer.bias, y.dtype)
         if layer.activation is not None:

@@ -119,6 +119,35 @@ def einsum_as_matmul(equation: str, kernel_shape) -> tuple[int, int, tuple[int, 
     return len(free_in), math.prod(shape[:n]), shape[n:]
 
 
+def product_layout(layer) -> tuple[int, tuple[int, ...], int] | None:
+    """``(K, free output shape, input axes contracted)`` of a plain ``Dense`` / ``EinsumDense`` layer whose product
+    is one matrix product of its input's trailing axes with its kernel viewed as ``[K, N]``, else None (another
+    layer type, or an einsum that is not one matrix product). Read from the kernel's shape."""
+    import keras
+
+    if type(layer) not in (keras.layers.Dense, keras.layers.EinsumDense):
+        return None
+    shape = tuple(int(d) for d in layer._kernel.shape)
+    if type(layer) is keras.layers.Dense:
+        return shape[0], shape[1:], 1
+    found = einsum_as_matmul(layer.equation, shape)
+    if found is None:
+        return None
+    _, k, free = found
+    return k, tuple(free), len(shape) - len(free)
+
+
+def rows_product(x, k: int, free: tuple[int, ...], n_contracted: int, matmul):
+    """``x`` [..., K] (its ``n_contracted`` trailing axes contracted) as 2-D rows ``[-1, K]`` through
+    ``matmul(rows) -> [rows, N]``, reshaped back to ``[..., *free]`` (the leading axes stay dynamic)."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    lead = tf.shape(x)[: x.shape.rank - n_contracted]
+    y = matmul(tf.reshape(x, [-1, k]))
+    return tf.reshape(y, tf.concat([lead, tf.constant(free, tf.int32)], 0))
+
+
 class _Plan:
     """How one layer's int8 product is rewritten: inputs [..., K] (``n_contracted`` trailing axes) times an
     int8 kernel viewed as [K, N], reshaped back to [..., *free_shape]."""
@@ -132,16 +161,14 @@ class _Plan:
     def product(self, x, epsilon: float):
         import tensorflow as tf
 
-        x = tf.convert_to_tensor(x)
-        lead = tf.shape(x)[: x.shape.rank - self.n_contracted]
-        x2 = tf.reshape(x, [-1, self.k])
-        kq = tf.reshape(self.kernel_q_fn(), [self.k, self.n])
-        ks = tf.reshape(self.scale_fn(), [self.n])
-        if self.kernel == "onednn":
-            y = int8_matmul_onednn(x2, kq, ks, self.column_sums, epsilon)
-        else:
-            y = int8_matmul_xla(x2, kq, ks, epsilon)
-        return tf.reshape(y, tf.concat([lead, tf.constant(self.free_shape, tf.int32)], 0))
+        def matmul(x2):
+            kq = tf.reshape(self.kernel_q_fn(), [self.k, self.n])
+            ks = tf.reshape(self.scale_fn(), [self.n])
+            if self.kernel == "onednn":
+                return int8_matmul_onednn(x2, kq, ks, self.column_sums, epsilon)
+            return int8_matmul_xla(x2, kq, ks, epsilon)
+
+        return rows_product(x, self.k, self.free_shape, self.n_contracted, matmul)
 
 
 def _epsilon(layer) -> float:
@@ -197,29 +224,21 @@ def _plan_for(layer, kernel: str) -> Any | None:
 
         return call
 
+    layout = product_layout(layer)
+    if layout is None:
+        return None
+    k, free, n_contracted = layout
     if type(layer) is keras.layers.Dense:
-        k, n = (int(d) for d in layer._kernel.shape)
-        layout = (None, k, (n,))
-
         def ks(layer=layer):
             return layer.kernel_scale
-    elif type(layer) is keras.layers.EinsumDense:
-        layout = einsum_as_matmul(layer.equation, layer._kernel.shape)
-        if layout is None:
-            return None
-
+    else:
         def ks(layer=layer):
             return layer._adjust_scale_for_dequant(layer.kernel_scale)
-    else:
-        return None
-    _, k, free = layout
 
     def kq(layer=layer):
         return layer._kernel
 
     sums = _column_sums(layer._kernel, k, math.prod(free)) if kernel == "onednn" else None
-    # Dense contracts the input's last axis; EinsumDense its trailing axes (as many as the kernel's leading ones).
-    n_contracted = 1 if type(layer) is keras.layers.Dense else len(layer._kernel.shape) - len(free)
     plan = _Plan(kernel, k, free, n_contracted, kq, ks, sums)
 
     def call(inputs, training=None, plan=plan, layer=layer):
