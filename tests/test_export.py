@@ -53,7 +53,7 @@ def test_saved_model_cli_run_serves_it(bert_tiny, exported):
 
 
 def test_products_2d_writes_each_weight_product_as_one_matmul_with_the_same_outputs(bert_tiny, exported, tmp_path):
-    from tfaccel.quantization.quantization_config import leaf_layers
+    from tfaccel.core.layers import leaf_layers
 
     path = export_saved_model(bert_tiny.model, tmp_path / "sm", products="2d")
     plain, ops = [n.op for n in graph_nodes(exported)], [n.op for n in graph_nodes(path)]

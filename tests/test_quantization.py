@@ -7,6 +7,7 @@ from conftest import run_python
 
 from tfaccel import Pipeline, PlanError, StepError
 from tfaccel.core.artifact import KerasRunner, SavedModelRunner
+from tfaccel.core.layers import einsum_as_matmul
 from tfaccel.core.validation import _cosines
 from tfaccel.export import ExportStep
 from tfaccel.quantization import (
@@ -17,7 +18,6 @@ from tfaccel.quantization import (
     int8_kernels,
     quantize_model,
 )
-from tfaccel.quantization.int8_kernels import einsum_as_matmul
 from tfaccel.servable import check_servable
 
 

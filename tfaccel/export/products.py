@@ -23,6 +23,8 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+from tfaccel.core.layers import leaf_layers, product_layout, rows_product
+
 #: What the ``export`` step's ``products`` option accepts.
 PRODUCTS = ("keras", "2d")
 
@@ -35,16 +37,12 @@ def default_products(model) -> str:
     0.52x / 0.40x with Keras' ops, 0.49x / 0.39x as 2-D products), so there is no CPU to tell apart. In float32
     the export stays what ``model.export`` writes.
     """
-    from tfaccel.quantization.quantization_config import leaf_layers
-
     dtypes = {getattr(layer, "compute_dtype", None) for layer in leaf_layers(model) if _layout(layer) is not None}
     return "2d" if "bfloat16" in dtypes else "keras"
 
 
 def _layout(layer):
     """``(K, free output shape, input axes contracted)`` of a float Dense / EinsumDense product, or None."""
-    from tfaccel.quantization.int8_kernels import product_layout
-
     if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
         return None
     if getattr(layer, "_kernel", None) is None:
@@ -54,8 +52,6 @@ def _layout(layer):
 
 def _call_2d(layer, k: int, free: tuple[int, ...], n_contracted: int):
     import tensorflow as tf
-
-    from tfaccel.quantization.int8_kernels import rows_product
 
     n = math.prod(free)
 
@@ -87,8 +83,6 @@ def products_2d(model) -> Iterator[list[str]]:
         >>> with products_2d(model) as rewritten:  # doctest: +SKIP
         ...     write_saved_model(model, "out")
     """
-    from tfaccel.quantization.quantization_config import leaf_layers
-
     patched = []
     try:
         for layer in leaf_layers(model):

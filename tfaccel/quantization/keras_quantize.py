@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import warnings
 
+from tfaccel.core.layers import leaf_layers
 from tfaccel.errors import StepError
-from tfaccel.quantization.quantization_config import QuantizationConfig, leaf_layers
+from tfaccel.quantization.quantization_config import QuantizationConfig
 from tfaccel.quantization.quantization_report import QuantizationSummary, weight_bytes
 
 

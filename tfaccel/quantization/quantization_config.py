@@ -13,6 +13,8 @@ import math
 import re
 from typing import Any
 
+from tfaccel.core.layers import leaf_layers
+
 MODES = ("int8", "int4")
 
 # Keras layer types that implement ``quantize`` in Keras 3.15 (int8 and int4).
@@ -189,17 +191,6 @@ def _first_match(patterns: tuple[str, ...], path: str) -> str | None:
         if re.search(p, path):
             return p
     return None
-
-
-def leaf_layers(model) -> list:
-    """Leaf layers (no sub-layers) of a model, each once, in Keras' flattening order."""
-    seen, out = set(), []
-    for layer in model._flatten_layers(include_self=False):
-        if id(layer) in seen or len(list(layer._flatten_layers())) != 1:
-            continue
-        seen.add(id(layer))
-        out.append(layer)
-    return out
 
 
 def quantizable_type(layer) -> str | None:
