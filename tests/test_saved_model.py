@@ -199,3 +199,21 @@ def test_savedmodel_with_ops_xla_cannot_compile_fails_naming_them(tmp_path):
     with pytest.raises(StepError, match=r"AsString.*Drop 'xla'"):
         Pipeline(["xla"], measure=False, log=lambda m: None).run(load_source(str(tmp_path / "sm")), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_model_the_step_loaded_is_run_by_the_first_runner_only(bert_tiny, bert_tiny_saved_model):
+    """A step that loaded what it wrote (generate does, to check its tokens) hands that object to the stage's
+    first runner instead of a second load; the artifact lets go of it, and a later runner loads the folder."""
+    import tensorflow as tf
+
+    from tfaccel.core.artifact import Artifact
+
+    loaded = tf.saved_model.load(str(bert_tiny_saved_model))
+    artifact = Artifact(kind="saved_model", path=str(bert_tiny_saved_model), loaded=loaded)
+    first = artifact.runner()
+    assert first._loaded is loaded and artifact.loaded is None
+    second = artifact.runner()
+    assert second._loaded is not loaded
+    x = bert_tiny.sample_inputs
+    np.testing.assert_allclose(first(x)["logits"], second(x)["logits"], atol=1e-6)
+    np.testing.assert_allclose(first(x)["logits"], KerasRunner(bert_tiny.model)(x)["logits"], atol=1e-5)

@@ -105,6 +105,9 @@ class Artifact:
     dict_inputs: bool = True
     input_names: list[str] | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: A SavedModel the step already loaded (``tf.saved_model.load`` of ``path``) to check what it wrote: the
+    #: first runner takes it instead of loading the folder again, and the artifact lets go of it then.
+    loaded: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def of_source(cls, source) -> Artifact:
@@ -156,11 +159,11 @@ class KerasRunner:
 class SavedModelRunner:
     """Runs a SavedModel's serving signature, as a TensorFlow Serving client would."""
 
-    def __init__(self, path: str, signature: str = "serving_default"):
+    def __init__(self, path: str, signature: str = "serving_default", loaded: Any = None):
         import tensorflow as tf
 
         self._tf = tf
-        self._loaded = tf.saved_model.load(str(path))
+        self._loaded = loaded if loaded is not None else tf.saved_model.load(str(path))
         self.fn = self._loaded.signatures[signature]
         _, kw = self.fn.structured_input_signature
         self.dtypes = {k: v.dtype for k, v in kw.items()}
@@ -172,4 +175,9 @@ class SavedModelRunner:
 
 
 register_kind("keras", "Keras model", lambda a: KerasRunner(a.model, a.dict_inputs))
-register_kind("saved_model", "SavedModel", lambda a: SavedModelRunner(a.path))
+def _saved_model_runner(artifact: Artifact) -> SavedModelRunner:
+    loaded, artifact.loaded = artifact.loaded, None  # taken once: later runners load the folder themselves
+    return SavedModelRunner(artifact.path, loaded=loaded)
+
+
+register_kind("saved_model", "SavedModel", _saved_model_runner)

@@ -171,7 +171,7 @@ class GenerateStep(Step):
         if self.summary is not None:
             out_info["quantization"] = self.summary.to_dict()
         return Artifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names,
-                        info=out_info)
+                        info=out_info, loaded=loaded)
 
 
 def token_agreement(got, want, padding_mask, max_new_tokens: int) -> float:
