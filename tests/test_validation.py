@@ -66,3 +66,21 @@ def test_classification_accuracy_batches_correctly():
         return {"logits": np.eye(3)[x % 3]}
 
     assert classification_accuracy(runner, {"x": np.array([0, 1, 2, 4, 5])}, labels, batch_size=2) == 0.8
+
+
+def test_classification_accuracy_pads_the_last_batch_so_the_runner_sees_one_batch_size():
+    # 5 examples in batches of 2: the last batch (one row) is padded to 2 and its copy's prediction dropped
+    # (an XLA-compiled artifact would otherwise compile again for batch 1). Class = x mod 3: the fourth
+    # prediction is wrong, the last right, so counting the padded copy too would give 5/5 instead of 4/5.
+    labels = np.array([0, 1, 2, 0, 2])
+    seen = []
+
+    def runner(inputs):
+        seen.append(len(inputs["x"]))
+        return {"logits": np.eye(3)[inputs["x"] % 3]}
+
+    assert classification_accuracy(runner, {"x": np.array([0, 1, 2, 4, 5])}, labels, batch_size=2) == 0.8
+    assert seen == [2, 2, 2]
+    seen.clear()
+    assert classification_accuracy(runner, {"x": np.array([0, 1, 2])}, labels[:3], batch_size=8) == 1.0
+    assert seen == [3]  # one batch smaller than batch_size: one shape anyway, not padded
