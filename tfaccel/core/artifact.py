@@ -174,10 +174,10 @@ class SavedModelRunner:
         return {k: v.numpy() for k, v in out.items()}
 
 
-register_kind("keras", "Keras model", lambda a: KerasRunner(a.model, a.dict_inputs))
 def _saved_model_runner(artifact: Artifact) -> SavedModelRunner:
     loaded, artifact.loaded = artifact.loaded, None  # taken once: later runners load the folder themselves
     return SavedModelRunner(artifact.path, loaded=loaded)
 
 
+register_kind("keras", "Keras model", lambda a: KerasRunner(a.model, a.dict_inputs))
 register_kind("saved_model", "SavedModel", _saved_model_runner)
