@@ -142,12 +142,12 @@ def classification_accuracy(runner, inputs: dict[str, np.ndarray], labels: np.nd
     correct = 0
     for start in range(0, n, batch_size):
         part = {k: v[start : start + batch_size] for k, v in inputs.items()}
-        rows = len(labels[start : start + batch_size])
-        if rows < batch_size < n:
-            part = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - rows, axis=0)]) for k, v in part.items()}
+        want = labels[start : start + batch_size]
+        if len(want) < batch_size < n:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - len(want), axis=0)]) for k, v in part.items()}
         out = runner(part)
         logits = next(iter(out.values())) if len(out) == 1 else out.get("logits", next(iter(out.values())))
-        correct += int(np.sum(np.argmax(np.asarray(logits)[:rows], axis=-1) == labels[start : start + batch_size]))
+        correct += int(np.sum(np.argmax(np.asarray(logits)[: len(want)], axis=-1) == want))
     return correct / n
 
 

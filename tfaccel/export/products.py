@@ -29,16 +29,25 @@ from tfaccel.core.layers import leaf_layers, product_layout, rows_product
 PRODUCTS = ("keras", "2d")
 
 
-def default_products(model) -> str:
-    """``"2d"`` for a model whose layers compute in bfloat16 (a ``mixed_bfloat16`` model), else ``"keras"``.
+def computes_in_bfloat16(model) -> bool:
+    """Whether the float Dense / EinsumDense products of ``model`` compute in bfloat16 (a ``mixed_bfloat16``
+    model)."""
+    return any(getattr(layer, "compute_dtype", None) == "bfloat16" for layer in leaf_layers(model)
+               if _layout(layer) is not None)
+
+
+def resolve_products(products: str, model) -> str:
+    """The form ``products`` asks for: ``"keras"`` / ``"2d"`` as given; ``"auto"``: ``"2d"`` for a model that
+    computes in bfloat16, else ``"keras"``.
 
     Under ``mixed_bfloat16`` the 2-D form was faster at both shapes measured on a CPU with bf16 instructions
     (module docstring). On a CPU without them bfloat16 is emulated at 0.4-0.5x float32 in either form (Ice Lake:
     0.52x / 0.40x with Keras' ops, 0.49x / 0.39x as 2-D products), so there is no CPU to tell apart. In float32
     the export stays what ``model.export`` writes.
     """
-    dtypes = {getattr(layer, "compute_dtype", None) for layer in leaf_layers(model) if _layout(layer) is not None}
-    return "2d" if "bfloat16" in dtypes else "keras"
+    if products != "auto":
+        return products
+    return "2d" if computes_in_bfloat16(model) else "keras"
 
 
 def _layout(layer):

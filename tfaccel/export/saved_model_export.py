@@ -15,7 +15,7 @@ from tfaccel.core.artifact import Artifact
 from tfaccel.core.files import StagedOutput
 from tfaccel.core.step import Step, StepContext
 from tfaccel.core.validation import Tolerance
-from tfaccel.export.products import PRODUCTS, default_products, products_2d
+from tfaccel.export.products import PRODUCTS, computes_in_bfloat16, products_2d, resolve_products
 from tfaccel.saved_model import write_saved_model
 
 # write_saved_model lives in tfaccel.saved_model; re-exported so callers of the old place keep working.
@@ -42,7 +42,7 @@ def export_saved_model(model, path: str | os.PathLike, *, jit_compile: bool = Fa
         >>> tf.saved_model.load("exported").signatures["serving_default"](token_ids=..., ...)  # doctest: +SKIP
     """
     products = _checked_products(products)
-    form = default_products(model) if products == "auto" else products
+    form = resolve_products(products, model)
     with StagedOutput(path, overwrite=overwrite, what="SavedModel folder", option="path",
                       create_parent=True) as staged:
         _write(model, staged.path, jit_compile, form)
@@ -99,12 +99,11 @@ class ExportStep(Step):
 
     def apply(self, artifact: Artifact, ctx: StepContext) -> Artifact:
         ctx.log("  writing SavedModel (serving_default)")
-        bf16 = default_products(artifact.model) == "2d"  # the model computes in bfloat16
-        form = ("2d" if bf16 else "keras") if self.products == "auto" else self.products
-        rewritten = _write(artifact.model, ctx.stage_dir, self.jit_compile, form)
+        rewritten = _write(artifact.model, ctx.stage_dir, self.jit_compile,
+                           resolve_products(self.products, artifact.model))
         if rewritten:
             why = " (products=auto: the model computes in bfloat16)" if self.products == "auto" else ""
             ctx.note(f"{len(rewritten)} Dense / EinsumDense products written as one 2-D MatMul each{why}")
-            if bf16:  # other bfloat16 kernels than the Keras model's: checked as bfloat16, not as float32 math
-                self.bound_by(HALF_PRODUCTS_TOLERANCE)
+            if computes_in_bfloat16(artifact.model):  # other bfloat16 kernels than the Keras model's: checked
+                self.bound_by(HALF_PRODUCTS_TOLERANCE)  # as bfloat16, not as the same float32 math
         return Artifact(kind="saved_model", path=str(ctx.stage_dir), input_names=artifact.input_names)
