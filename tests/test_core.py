@@ -154,6 +154,29 @@ def test_a_failed_prefix_fails_later_chains_at_once_with_its_reason(tmp_path):
         b.build("w", [Scale(9.0, fail=OverBudget("would take 100 s, 10 s left")), Scale(2.0)])
 
 
+def test_a_bound_set_in_apply_holds_for_that_stage_only_and_a_given_tolerance_stays(tmp_path):
+    from tfaccel.core.chain import run_step
+    from tfaccel.core.validation import Tolerance
+
+    loose = Tolerance(max_abs_diff=None, min_cosine=0.9)
+
+    class Bounded(Scale):  # bounds itself by `loose` when its input says so (as xla does for half precision)
+        def apply(self, artifact, ctx):
+            if artifact.info.get("half"):
+                self.bound_by(loose)
+            return super().apply(artifact, ctx)
+
+    step = Bounded()
+    run_step(step, Artifact(kind="keras", model=1.0, info={"half": True}), _source(), tmp_path / "a", log=print)
+    assert step.tolerance is loose
+    run_step(step, Artifact(kind="keras", model=1.0), _source(), tmp_path / "b", log=print)
+    assert step.tolerance is Bounded.default_tolerance  # the same step on another input: its own bound again
+    mine = Tolerance(max_abs_diff=1e-3)
+    given = Bounded(tolerance=mine)
+    run_step(given, Artifact(kind="keras", model=1.0, info={"half": True}), _source(), tmp_path / "c", log=print)
+    assert given.tolerance is mine
+
+
 def test_a_step_given_the_wrong_kind_is_a_plan_error(tmp_path):
     class TakesOnnx(Scale):
         name = "takes-onnx"

@@ -50,6 +50,7 @@ def run_step(step: Step, artifact: Artifact, source: ModelSource, stage_dir: Pat
     stage_dir.mkdir(parents=True)
     notes: list[str] = []
     ctx = StepContext(source=source, stage_dir=stage_dir, log=log, notes=notes, shapes=list(shapes), deadline=deadline)
+    step.own_bound()  # a bound the step set for an earlier input does not carry over to this one
     t0 = time.perf_counter()
     try:
         out = step.apply(artifact, ctx)

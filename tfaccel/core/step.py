@@ -104,11 +104,18 @@ class Step(abc.ABC):
         """Bound this stage by ``tolerance`` instead of the step's default, where what :meth:`apply` found in its
         input makes the default the wrong bound (a model computing in half precision, carried 4-bit products);
         a tolerance the user gave stays. Call it from ``apply``: the pipeline reads ``self.tolerance`` after.
-        Returns whether the bound changed."""
+        The bound holds for this stage only: :func:`tfaccel.core.chain.run_step` restores the step's own bound
+        (:meth:`own_bound`) before the step is applied again. Returns whether the bound changed."""
         if self.tolerance_given:
             return False
+        self.__dict__.setdefault("_own_tolerance", self.tolerance)
         self.tolerance = tolerance
         return True
+
+    def own_bound(self) -> None:
+        """Undo :meth:`bound_by`: the step's tolerance is again the one it was built with."""
+        if "_own_tolerance" in self.__dict__:
+            self.tolerance = self.__dict__.pop("_own_tolerance")
 
     def bind(self, source: ModelSource) -> None:
         """Choose the artifact kind this step consumes for ``source`` (set ``self.consumes``), for steps
