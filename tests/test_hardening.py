@@ -331,6 +331,8 @@ BAD_INVOCATIONS = [
     (["optimize", "bert-tiny", "--steps", "export", "--out", "O", "--shape", "100000000x16"], 2,
      "--skip-memory-check"),
     (["optimize", "bert-tiny", "--steps", "int4,onnx", "--out", "O"], 2, "Add 'export' before 'int4'"),
+    (["optimize", "bert-tiny", "--steps", "export,onnx,tensorrt", "--set", "onnx.fuse=true", "--out", "O"], 2,
+     "Drop --set onnx.fuse=true"),
     (["optimize", "bert-tiny", "--steps", "export,xla,prune-structured", "--train-data", "R/bad.npz", "--out", "O"], 2,
      "bad.npz"),
     (["optimize", "bert-tiny", "--auto", "--train-data", "R/bad.npz", "--out", "O"], 2, "bad.npz"),

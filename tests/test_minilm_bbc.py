@@ -113,6 +113,7 @@ def test_fp16_and_int8_onnx_keep_accuracy_on_held_out_bbc_news(minilm_bbc, minil
     from tfaccel.core.validation import classification_accuracy
     from tfaccel.examples.builders import MINILM_SEQ, minilm_dir
     from tfaccel.onnx.onnx_runner import OnnxRunner
+    from tfaccel.onnx.ort_fusions import contrib_operators
     from tfaccel.tensorrt import (
         TensorRTStep,
         convert_onnx_to_fp16,
@@ -122,6 +123,7 @@ def test_fp16_and_int8_onnx_keep_accuracy_on_held_out_bbc_news(minilm_bbc, minil
 
     report, _, fp32 = minilm_run
     assert report.stage("onnx").params["opset"] == 17
+    assert contrib_operators(fp32) == {}  # standard ONNX, as TensorRT gets it
     fp32 = str(fp32)
     fp16 = convert_onnx_to_fp16(fp32, tmp_path / "model.fp16.onnx")
     (train_x, _), _ = bbc_news.split()

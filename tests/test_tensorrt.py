@@ -16,7 +16,12 @@ import pytest
 
 from tfaccel import InputMismatchError, MissingDependencyError, Pipeline, Step, StepError, Tolerance
 from tfaccel.compat import tf_tensorrt_enabled
+from tfaccel.core.chain import fit_to_consumers, step_key
+from tfaccel.errors import PlanError
 from tfaccel.onnx.onnx_runner import OnnxRunner
+from tfaccel.onnx.ort_fusions import contrib_operators, fuse_for_onnxruntime
+from tfaccel.onnx.ort_quantize import OrtInt8Step
+from tfaccel.steps import get_step
 from tfaccel.tensorrt import (
     ParserIssue,
     ShapeProfile,
@@ -25,6 +30,7 @@ from tfaccel.tensorrt import (
     TftrtConfig,
     TftrtStep,
     TrtApi,
+    build_engine,
     convert_onnx_to_fp16,
     describe_parser_errors,
     onnx_input_dims,
@@ -290,6 +296,50 @@ def test_parser_errors_name_the_onnx_node(onnx_model):
     assert "the graph: [INVALID_GRAPH] Graph has no outputs" in msg
     assert "TensorRT 11.4.0's ONNX parser rejected" in msg and "(2 errors)" in msg
     assert "cannot import these ops as they are: Softmax" in msg and "--set onnx.opset" in msg
+
+
+class StandardOnnxReader(OrtInt8Step):
+    """onnxruntime's dynamic int8, declared a reader of standard ONNX only, as the tensorrt step is: a consumer
+    that runs on a CPU, so the planner's answer to such a step is run here end to end."""
+
+    name = "standard-onnx-reader"
+    standard_onnx_only = "this test's reader of standard ONNX"
+
+
+def test_tensorrt_gets_standard_onnx_and_a_fused_graph_is_refused_before_any_gpu_work(bert_tiny, onnx_model,
+                                                                                       tmp_path):
+    # The onnx step fuses for onnxruntime by default: its FastGelu is onnxruntime's own operator, which
+    # TensorRT's parser has no importer for.
+    fused = tmp_path / "fused.onnx"
+    counts = fuse_for_onnxruntime(onnx_model, fused)
+    assert contrib_operators(onnx_model) == {}
+    assert contrib_operators(fused) == {"com.microsoft.FastGelu": counts["FastGelu"]}
+    with pytest.raises(StepError, match=r"cannot read onnxruntime's contrib operators, .*com\.microsoft\.FastGelu x2"
+                                        r".*--set onnx\.fuse=false"):
+        build_engine(fused, tmp_path / "e" / "model.engine", "fp16", profiles=[profile_from_source(bert_tiny)])
+    assert not (tmp_path / "e").exists()
+
+    # Fitted to its consumer: a copy that does not fuse (another artifact, so --auto builds it apart from the fused
+    # one ort-int8 starts from); the step object itself is unchanged.
+    export, onnx_step, trt = get_step("export"), get_step("onnx"), TensorRTStep("fp16")
+    fitted = fit_to_consumers([export, onnx_step, trt], {1: 0, 2: 1})
+    assert (onnx_step.fuse, fitted[1].fuse, fitted[1].standard_for) == (True, False, "tensorrt")
+    assert fitted[0] is export and fitted[2] is trt and step_key(fitted[1]) != step_key(onnx_step)
+    assert fit_to_consumers([onnx_step, get_step("ort-int8")], {1: 0})[0] is onnx_step
+    with pytest.raises(PlanError, match=r"'tensorrt' .* parses standard ONNX only .* Drop --set onnx\.fuse=true"):
+        fit_to_consumers([get_step("onnx", fuse=True), trt], {1: 0})
+
+    # The planner does the same for a run, through STEP@FROM too: the reader's ONNX is standard, the report says
+    # why it was not fused, and ort-int8 beside it starts from that same stage.
+    reader = StandardOnnxReader()
+    reader.start_from = "onnx"
+    report = Pipeline(["export", "onnx", "ort-int8", reader], shapes=[(1, 16)], measure=False, footprints=False,
+                      log=lambda _m: None).run(bert_tiny, tmp_path / "out")
+    stage = report.stage("onnx")
+    assert stage.params["fuse"] is False
+    assert any("fusions left out: 'standard-onnx-reader' parses standard ONNX only" in n for n in stage.notes), stage.notes
+    assert contrib_operators(tmp_path / "out" / stage.path / "model.onnx") == {}
+    assert [s.parent for s in report.stages[3:5]] == [2, 2]
 
 
 @pytest.mark.skipif(tf_tensorrt_enabled()[0],

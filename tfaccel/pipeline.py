@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tfaccel.core.artifact import Artifact, kind_name
-from tfaccel.core.chain import run_step
+from tfaccel.core.chain import fit_to_consumers, run_step
 from tfaccel.core.files import StagedOutput, link_tree
 from tfaccel.core.measure import PeakRSS, check_shapes, check_shapes_fit
 from tfaccel.core.report import Report, StageResult
@@ -159,9 +159,11 @@ class Pipeline:
             if not step.side_artifact:
                 latest_model_kind = step.produces
         _refuse_quantized_inputs(self.steps, start_index, source.kind)
-        for step in self.steps:  # every step can run here: checked before any work, not after the first stages
+        # A producer fitted to the steps that start from it (an onnx step feeding tensorrt writes standard ONNX)
+        steps = fit_to_consumers(self.steps, {i - 1: None if j == 0 else j - 1
+                                              for i, j in _planned_inputs(self.steps, start_index, source.kind).items()})
+        for step in steps:  # every step can run here: checked before any work, not after the first stages
             step.check(source)
-        steps = list(self.steps)
         if latest_model_kind == "keras":
             steps.append(get_step("export"))
         return steps
@@ -380,6 +382,26 @@ class Pipeline:
             note = f"measured on this machine ({warning}): " + ", ".join(ratios)
             stage.notes.append(note)
             self.log(f"  note: {note}")
+
+def _planned_inputs(steps: Sequence[Step], start_index: dict[int, int], source_kind: str) -> dict[int, int]:
+    """For each step (1-based position), the position of the stage it starts from (0 = the reference) when no
+    stage is skipped: its ``FROM``, else the latest float SavedModel for a side step that converts one, else the
+    latest stage of the kind it consumes (the rules :meth:`Pipeline._run` follows)."""
+    latest = {source_kind: 0}
+    latest_float = 0 if source_kind == "saved_model" else None
+    out = {}
+    for i, step in enumerate(steps, 1):
+        if i in start_index:
+            out[i] = start_index[i]
+        elif step.side_artifact and step.consumes == "saved_model" and latest_float is not None:
+            out[i] = latest_float
+        elif step.consumes in latest:
+            out[i] = latest[step.consumes]
+        latest[step.produces] = i
+        if step.produces == "saved_model" and not step.quantized_output:
+            latest_float = i
+    return out
+
 
 def _refuse_quantized_inputs(steps: list[Step], start_index: dict[int, int], source_kind: str) -> None:
     """PlanError for a step that converts a SavedModel (``Step.takes_quantized`` set: onnx, litert-dynamic,

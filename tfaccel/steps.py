@@ -88,7 +88,7 @@ def step_options(name: str) -> list[str]:
 
     Example:
         >>> step_options("onnx")
-        ['opset', 'tolerance', 'on_breach']
+        ['opset', 'fuse', 'tolerance', 'on_breach']
     """
     factory = _table()[name][0]
     fixed = set(getattr(factory, "keywords", {}) or {})  # functools.partial rows (mixed_float16's policy)

@@ -25,6 +25,31 @@ def step_key(step: Step) -> str:
     return json.dumps(step.get_config(), sort_keys=True, default=str)
 
 
+def fit_to_consumers(steps: Sequence[Step], inputs: dict[int, int | None]) -> list[Step]:
+    """``steps`` with each producer replaced by what it should be for the steps that start from its artifact
+    (:meth:`Step.feeding`, e.g. an ``onnx`` step that feeds ``tensorrt`` writes standard ONNX).
+
+    Args:
+        steps: the steps in order.
+        inputs: consumer position -> the position of the step whose artifact it starts from (0-based), or None
+            for the source.
+
+    Raises:
+        PlanError: a producer's settings that one of its consumers cannot take.
+    """
+    out = list(steps)
+    for k in sorted(inputs):
+        j = inputs[k]
+        if j is not None:
+            out[j] = out[j].feeding(out[k])
+    return out
+
+
+def _linear(steps: Sequence[Step]) -> list[Step]:
+    """A chain's steps fitted to their consumers: each starts from the one before it."""
+    return fit_to_consumers(steps, {k: k - 1 for k in range(1, len(steps))})
+
+
 @dataclasses.dataclass
 class StepRun:
     """What :func:`run_step` gives: the artifact, the seconds ``apply`` took, and the step's notes."""
@@ -101,6 +126,7 @@ class ChainBuilder:
 
     def unbuilt(self, steps: Sequence[Step]) -> list[Step]:
         """The steps of a chain whose artifacts are not built (or failed) yet."""
+        steps = _linear(steps)
         keys = [step_key(s) for s in steps]
         return [s for k, s in enumerate(steps) if tuple(keys[: k + 1]) not in self._cache]
 
@@ -113,7 +139,11 @@ class ChainBuilder:
             steps: the steps, in order.
             deadline_for: ``deadline_for(k)`` is the ``time.perf_counter()`` by which step ``k`` should be
                 done, or None; steps that can stop long work (distillation) stop when they would not.
+
+        Raises:
+            PlanError: a step's settings that the step after it cannot take (:meth:`Step.feeding`).
         """
+        steps = _linear(steps)  # before the keys: a step fitted to its consumer builds another artifact
         keys = [step_key(s) for s in steps]
         built = Built(self.reference, 0.0, [])
         for k, step in enumerate(steps):

@@ -89,6 +89,10 @@ class Step(abc.ABC):
     #: True for a step whose long work ends by ``StepContext.deadline`` (distillation): how long it took says
     #: how much time it was given, not how long another step will take (``--auto``'s time budget).
     stops_at_deadline: ClassVar[bool] = False
+    #: Non-empty for a step that parses standard ONNX operators only: why (TensorRT's parser has no importer for
+    #: onnxruntime's contrib operators). The step that writes its ONNX is asked for a standard graph
+    #: (:meth:`feeding`).
+    standard_onnx_only: ClassVar[str] = ""
     #: The earlier stage this step starts from (``STEP@FROM``: a step name or "reference"); None
     #: takes the default input (see :class:`tfaccel.Pipeline`).
     start_from: str | None = None
@@ -116,6 +120,17 @@ class Step(abc.ABC):
         """Undo :meth:`bound_by`: the step's tolerance is again the one it was built with."""
         if "_own_tolerance" in self.__dict__:
             self.tolerance = self.__dict__.pop("_own_tolerance")
+
+    def feeding(self, consumer: Step) -> Step:
+        """This step as it should run when ``consumer`` starts from its artifact: the step itself (the default),
+        or a copy with other settings (the ``onnx`` step leaves onnxruntime's contrib operators out of the graph a
+        :attr:`standard_onnx_only` step parses). A copy, never this object changed: a step object can feed other
+        chains too. The planner and :class:`tfaccel.core.chain.ChainBuilder` call it before any work.
+
+        Raises:
+            PlanError: settings the user gave that ``consumer`` cannot take.
+        """
+        return self
 
     def bind(self, source: ModelSource) -> None:
         """Choose the artifact kind this step consumes for ``source`` (set ``self.consumes``), for steps

@@ -3,6 +3,7 @@ there must not take the pipeline down)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -16,7 +17,7 @@ from tfaccel.core.files import atomic_file
 from tfaccel.core.processes import run_child
 from tfaccel.core.step import Step, StepContext
 from tfaccel.core.validation import Tolerance
-from tfaccel.errors import OverBudget, StepError
+from tfaccel.errors import OverBudget, PlanError, StepError
 
 DEFAULT_OPSET = 17  # tf2onnx 1.17 is tested up to opset 18; 17 is what onnxruntime and TensorRT 10/11 take best
 
@@ -102,7 +103,10 @@ class OnnxStep(Step):
     Args:
         opset: ONNX opset to target (recorded in the report).
         fuse: apply onnxruntime's transformer fusions to the graph (:func:`tfaccel.onnx.ort_fusions.fuse_for_onnxruntime`:
-            the gelu fuses on tf2onnx's BERT graphs); the report lists what fused.
+            the gelu fuses on tf2onnx's BERT graphs into onnxruntime's ``FastGelu``); the report lists what fused.
+            None (the default): fuse, unless a step that parses standard ONNX only (``tensorrt``) starts from
+            this one, which then gets the graph without onnxruntime's contrib operators. True with such a
+            step is refused at plan time; False: standard ONNX for any runtime.
     """
 
     name = "onnx"
@@ -116,17 +120,34 @@ class OnnxStep(Step):
     # onnxruntime fuses and reorders float32 math: small float differences, same results.
     default_tolerance = Tolerance(max_abs_diff=1e-3, min_cosine=0.9999, max_accuracy_drop=0.0)
 
-    def __init__(self, opset: int = DEFAULT_OPSET, fuse: bool = True, **kwargs):
+    def __init__(self, opset: int = DEFAULT_OPSET, fuse: bool | None = None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(opset, int) or not 13 <= opset <= 21:
             raise ValueError(f"opset must be an int from 13 to 21. Received: opset={opset!r}")
-        if not isinstance(fuse, bool):
-            raise ValueError(f"fuse must be true or false. Received: fuse={fuse!r}")
+        if fuse is not None and not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be true or false (or left out). Received: fuse={fuse!r}")
         self.opset = opset
-        self.fuse = fuse
+        self.fuse_given = fuse is not None
+        self.fuse = True if fuse is None else fuse
+        #: the step that parses this ONNX and needs it standard (set on the copy :meth:`feeding` returns)
+        self.standard_for = ""
 
     def params(self):
         return {"opset": self.opset, "fuse": self.fuse}
+
+    def feeding(self, consumer: Step) -> Step:
+        """Unfused for a step that parses standard ONNX only (``tensorrt``); see ``fuse``."""
+        if not consumer.standard_onnx_only or not self.fuse:
+            return self
+        if self.fuse_given:
+            raise PlanError(
+                f"Step '{consumer.name}' starts from the onnx step's model and parses standard ONNX only "
+                f"({consumer.standard_onnx_only}), but onnx has fuse=true, which writes onnxruntime's contrib "
+                f"operators (FastGelu, ...). Drop --set onnx.fuse=true (or set it false): the onnx step then writes "
+                f"standard ONNX for '{consumer.name}'.")
+        unfused = copy.copy(self)
+        unfused.fuse, unfused.standard_for = False, consumer.name
+        return unfused
 
     def unavailable(self, caps) -> str:
         missing = [n for n, v in (("tf2onnx", caps.tf2onnx), ("onnxruntime", caps.onnxruntime)) if not v]
@@ -153,4 +174,6 @@ class OnnxStep(Step):
                                                             if counts else "none matched"))
             for library, error in fused.get("skipped", {}).items():
                 ctx.note(f"{library} fusions skipped (they raised on this graph, which is kept unfused): {error}")
+        elif self.standard_for:
+            ctx.note(f"onnxruntime transformer fusions left out: '{self.standard_for}' parses standard ONNX only")
         return Artifact(kind="onnx", path=path, input_names=artifact.input_names, info=info)

@@ -28,6 +28,9 @@ def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.Pat
     """onnxscript's ``optimize_for_ort`` (its optimizer folds tf2onnx's shape arithmetic), then onnxruntime's
     transformer fusions (Python fusions only: ``opt_level=0``, no torch), on an ONNX file.
 
+    The result holds onnxruntime's own operators (``com.microsoft``: :func:`contrib_operators`), which other
+    runtimes' parsers (TensorRT's) do not read: the ``onnx`` step leaves them out where ``tensorrt`` follows.
+
     Args:
         onnx_path: the ONNX file (from tf2onnx).
         output_path: where to write the result (default: replace ``onnx_path``).
@@ -95,3 +98,33 @@ def _check_loads(proto) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+#: The domains of the standard ONNX operators ("" is ai.onnx); anything else is a runtime's own (com.microsoft).
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
+def contrib_operators(onnx_path: str | os.PathLike) -> dict[str, int]:
+    """The operators of an ONNX file outside the standard domains (onnxruntime's ``com.microsoft`` ones that
+    :func:`fuse_for_onnxruntime` writes, e.g. ``FastGelu``), as ``"domain.Op" -> count``; empty for standard ONNX.
+    Reads the graph only (no external weights), including subgraphs (If / Loop bodies).
+
+    Example:
+        >>> contrib_operators("model.onnx")  # doctest: +SKIP
+        {'com.microsoft.FastGelu': 6}
+    """
+    import onnx
+
+    counts: dict[str, int] = {}
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            if node.domain not in STANDARD_DOMAINS:
+                key = f"{node.domain}.{node.op_type}"
+                counts[key] = counts.get(key, 0) + 1
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub)
+
+    walk(onnx.load(str(onnx_path), load_external_data=False).graph)
+    return counts

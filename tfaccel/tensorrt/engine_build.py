@@ -17,6 +17,7 @@ from typing import Any
 
 from tfaccel.core.files import atomic_file
 from tfaccel.errors import StepError
+from tfaccel.onnx.ort_fusions import contrib_operators
 from tfaccel.tensorrt.availability import import_tensorrt, require_gpu
 from tfaccel.tensorrt.shape_profiles import ShapeProfile
 from tfaccel.tensorrt.trt_api import BuildPlan, TrtApi, plan_build
@@ -176,6 +177,14 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     if config is None or isinstance(config, str):
         config = TensorRTConfig(config or "fp16")
     profiles = list(profiles or config.profiles or [])
+    contrib = contrib_operators(onnx_path)  # the parser has no importer for them: say so before any GPU work
+    if contrib:
+        raise StepError(
+            f"TensorRT's ONNX parser cannot read onnxruntime's contrib operators, and {onnx_path} has them: "
+            + ", ".join(f"{op} x{n}" for op, n in sorted(contrib.items()))
+            + ". Give TensorRT standard ONNX: the onnx step writes it when tensorrt starts from it (do not set "
+            "onnx.fuse=true), or with --set onnx.fuse=false; an ONNX decoder traced from keras-hub's layers "
+            "(--set onnx-decoder.graph=keras-layers).")
     trt = import_tensorrt()
     require_gpu("Building a TensorRT engine")
     api = TrtApi.of(trt)

@@ -52,6 +52,7 @@ class TensorRTStep(TrtStepBase):
     produces = "tensorrt"
     side_artifact = True
     default_tolerance = TENSORRT_TOLERANCES["fp16"]
+    standard_onnx_only = "TensorRT's ONNX parser has no importer for onnxruntime's contrib operators"
 
     config_cls = TensorRTConfig
 
