@@ -71,6 +71,25 @@ def test_opset_is_validated():
         OnnxStep(opset=9)
 
 
+def test_attention_fusion_leaves_an_attention_whose_values_are_read_elsewhere(onnx_model, tmp_path):
+    import onnx
+    from onnx import helper
+
+    from tfaccel.onnx.attention_fusion import fuse_keras_attention
+    from tfaccel.onnx.ort_fusions import fuse_for_onnxruntime
+
+    model = onnx.load(onnx_model)
+    probs = next(n for n in model.graph.node if n.op_type == "Softmax").output[0]
+    model.graph.output.append(helper.make_tensor_value_info(probs, onnx.TensorProto.FLOAT, None))
+    onnx.save(model, tmp_path / "model.onnx")
+    counts = fuse_for_onnxruntime(tmp_path / "model.onnx")  # the rewrite checks every output, the probabilities too
+    assert counts.get("MultiHeadAttention") == 1 and "skipped" not in counts, counts  # the other layer's
+    fused = onnx.load(tmp_path / "model.onnx")
+    ops = [x.op_type for x in fused.graph.node]
+    assert ops.count("MultiHeadAttention") == 1 and ops.count("Softmax") == 1
+    assert fuse_keras_attention(fused)[0] is fused  # nothing more to fuse
+
+
 def test_ort_fusions_keep_the_outputs_and_shrink_the_graph(bert_tiny, onnx_model, tmp_path):
     import onnx
 
@@ -79,9 +98,12 @@ def test_ort_fusions_keep_the_outputs_and_shrink_the_graph(bert_tiny, onnx_model
     fused = fuse_for_onnxruntime(onnx_model, tmp_path / "fused.onnx")
     assert "skipped" not in fused, fused  # both libraries' fusions ran and their graphs load in onnxruntime
     assert fused.get("FastGelu", 0) >= 2, fused  # one per transformer layer (bert-tiny has 2)
+    # tfaccel's own rewrite of Keras' attention (tfaccel/onnx/attention_fusion.py): every layer's
+    assert fused.get("MultiHeadAttention") == 2, fused
     assert fused["nodes_removed"] > 0
     assert len(onnx.load(tmp_path / "fused.onnx").graph.node) < len(onnx.load(onnx_model).graph.node)
     for batch, seq in [(1, 7), (4, 33)]:  # still dynamic in batch and sequence
         x = bert_tiny.make_inputs(batch, seq, seed=2)
+        x["padding_mask"][1:, seq // 2:] = 0  # padded rows: the attention's key mask
         np.testing.assert_allclose(OnnxRunner(str(tmp_path / "fused.onnx"))(x)["logits"],
                                    KerasRunner(bert_tiny.model)(x)["logits"], atol=1e-4)

@@ -13,6 +13,11 @@ What was tried on minilm-bbc's tf2onnx graph (opset 17; issue 20):
 Both are kept (:func:`fuse_for_onnxruntime`): dynamic int8 of the result ran 1.2-1.4x faster than of the
 plain graph at 1x128 and 32x128 (minilm-bbc, interleaved, load 10), the same accuracy. Not fused by either:
 tf2onnx's layer norms (GlobalAveragePool-based, 13 of them) and attention.
+
+Attention is fused by tfaccel's own rewrite (:mod:`tfaccel.onnx.attention_fusion`: Keras' attention ->
+``MultiHeadAttention``): on minilm-bbc's graph (6 of 6 layers, Ice Lake, 2 threads, interleaved) float32 ran
+1.14x faster at 32x128 and level at 1x128; its dynamic int8 1.17x / 1.13x, outputs within 1e-6 of the unfused
+graph. A rewritten graph that differs from its input on padded inputs is not kept.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 from pathlib import Path
 
 from tfaccel.core.files import atomic_file
+from tfaccel.onnx.attention_fusion import fuse_keras_attention
 
 
 def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> dict:
@@ -78,6 +84,14 @@ def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.Pat
         proto = ort_model.model
     except Exception as exc:  # noqa: BLE001 - as above
         skipped["onnxruntime"] = f"{type(exc).__name__}: {exc}"
+    try:
+        proto, attentions = fuse_keras_attention(proto)
+        if attentions:
+            fused["MultiHeadAttention"] = attentions
+            if ort_model is not None:
+                ort_model.model = proto
+    except Exception as exc:  # noqa: BLE001 - as above
+        skipped["attention"] = f"{type(exc).__name__}: {exc}"
     fused["nodes_removed"] = before - len(proto.graph.node)
     if skipped:
         fused["skipped"] = skipped
