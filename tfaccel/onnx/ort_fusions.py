@@ -78,7 +78,14 @@ def fuse_for_onnxruntime(onnx_path: str | os.PathLike, output_path: str | os.Pat
     ort_model = None
     try:
         # optimize_model edits the proto it is given in place: give it a copy, so a failure keeps the input.
-        ort_model = optimizer.optimize_model(copy.deepcopy(proto), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        # Its fusion modules log under their own names ("fusion_skiplayernorm: symbolic shape inference disabled
+        # or failed" on ALBERT), warnings about a fusion that does not apply: not shown to the user.
+        logging.disable(logging.WARNING)
+        try:
+            ort_model = optimizer.optimize_model(copy.deepcopy(proto), model_type="bert", num_heads=0, hidden_size=0,
+                                                 opt_level=0)
+        finally:
+            logging.disable(logging.NOTSET)
         _check_loads(ort_model.model)
         fused.update({k: int(v) for k, v in ort_model.get_fused_operator_statistics().items() if v})
         proto = ort_model.model
