@@ -308,11 +308,20 @@ class StandardOnnxReader(OrtInt8Step):
 
 def test_tensorrt_gets_standard_onnx_and_a_fused_graph_is_refused_before_any_gpu_work(bert_tiny, onnx_model,
                                                                                        tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
     # The onnx step fuses for onnxruntime by default: its FastGelu is onnxruntime's own operator, which
     # TensorRT's parser has no importer for.
     fused = tmp_path / "fused.onnx"
     counts = fuse_for_onnxruntime(onnx_model, fused)
     assert contrib_operators(onnx_model) == {}
+    custom = helper.make_model(helper.make_graph(  # another domain's operator: a TensorRT plugin may import it
+        [helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    onnx.save(custom, tmp_path / "custom.onnx")
+    assert contrib_operators(tmp_path / "custom.onnx") == {}
     assert contrib_operators(fused) == {"com.microsoft.FastGelu": counts["FastGelu"],
                                         "com.microsoft.MultiHeadAttention": counts["MultiHeadAttention"]}
     with pytest.raises(StepError, match=r"cannot read onnxruntime's contrib operators, .*com\.microsoft\.FastGelu x2"

@@ -121,14 +121,11 @@ def _check_loads(proto) -> None:
     ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-#: The domains of the standard ONNX operators ("" is ai.onnx); anything else is a runtime's own (com.microsoft).
-STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
-
-
 def contrib_operators(onnx_path: str | os.PathLike) -> dict[str, int]:
-    """The operators of an ONNX file outside the standard domains (onnxruntime's ``com.microsoft`` ones that
-    :func:`fuse_for_onnxruntime` writes, e.g. ``FastGelu``), as ``"domain.Op" -> count``; empty for standard ONNX.
-    Reads the graph only (no external weights), including subgraphs (If / Loop bodies).
+    """onnxruntime's own operators in an ONNX file (its ``com.microsoft`` domains: what :func:`fuse_for_onnxruntime`
+    writes, e.g. ``FastGelu``), as ``"domain.Op" -> count``; empty for a graph another runtime can read. Other
+    custom domains are not counted: TensorRT imports those through plugins a user registers. Reads the graph only
+    (no external weights), including subgraphs (If / Loop bodies).
 
     Example:
         >>> contrib_operators("model.onnx")  # doctest: +SKIP
@@ -140,7 +137,7 @@ def contrib_operators(onnx_path: str | os.PathLike) -> dict[str, int]:
 
     def walk(graph) -> None:
         for node in graph.node:
-            if node.domain not in STANDARD_DOMAINS:
+            if node.domain == "com.microsoft" or node.domain.startswith("com.microsoft."):
                 key = f"{node.domain}.{node.op_type}"
                 counts[key] = counts.get(key, 0) + 1
             for attr in node.attribute:
