@@ -264,12 +264,7 @@ class Pipeline:
         for i, step in enumerate(steps, 1):
             label = f"[{i}/{len(steps)}] {step.spec}"
             self.log(f"{label}: {kind_name(step.consumes)} -> {kind_name(step.produces)}")
-            if i in start_index:
-                parent = done.get(start_index[i])
-            elif step.side_artifact and step.consumes == "saved_model" and latest_float is not None:
-                parent = latest_float
-            else:
-                parent = latest.get(step.consumes)
+            parent = _input_stage(i, step, start_index, latest, latest_float, done.get)
             if parent is None:  # the stage that would have made its input was skipped
                 self.log(f"  skipped: no {kind_name(step.consumes)} (the stage producing it was skipped)")
                 report.stages.append(StageResult(
@@ -383,20 +378,28 @@ class Pipeline:
             stage.notes.append(note)
             self.log(f"  note: {note}")
 
+def _input_stage(i: int, step: Step, start_index: dict[int, int], latest: dict, latest_float, at: Callable):
+    """The stage step ``i`` (1-based) starts from: its ``FROM``, else the latest float SavedModel for a side step
+    that converts one, else the latest stage of the kind it consumes; None where there is none. A stage is what the
+    caller tracks stages by (positions when planning, artifacts when running); ``at(position)`` gives the FROM one."""
+    if i in start_index:
+        return at(start_index[i])
+    if step.side_artifact and step.consumes == "saved_model" and latest_float is not None:
+        return latest_float
+    return latest.get(step.consumes)
+
+
 def _planned_inputs(steps: Sequence[Step], start_index: dict[int, int], source_kind: str) -> dict[int, int]:
     """For each step (1-based position), the position of the stage it starts from (0 = the reference) when no
-    stage is skipped: its ``FROM``, else the latest float SavedModel for a side step that converts one, else the
-    latest stage of the kind it consumes (the rules :meth:`Pipeline._run` follows)."""
+    stage is skipped (:func:`_input_stage`, the rule :meth:`Pipeline._run` follows; a SavedModel counts as
+    quantized here by its step alone)."""
     latest = {source_kind: 0}
     latest_float = 0 if source_kind == "saved_model" else None
     out = {}
     for i, step in enumerate(steps, 1):
-        if i in start_index:
-            out[i] = start_index[i]
-        elif step.side_artifact and step.consumes == "saved_model" and latest_float is not None:
-            out[i] = latest_float
-        elif step.consumes in latest:
-            out[i] = latest[step.consumes]
+        j = _input_stage(i, step, start_index, latest, latest_float, lambda position: position)
+        if j is not None:
+            out[i] = j
         latest[step.produces] = i
         if step.produces == "saved_model" and not step.quantized_output:
             latest_float = i
