@@ -35,8 +35,10 @@ def fuse_keras_attention(model) -> tuple[object, int]:
         ``(model, n)``: a new ModelProto with ``n`` attentions fused (``model`` itself when none matched).
     """
     import onnx
+    import onnx_ir as ir
     from onnx import helper
     from onnx import numpy_helper as nh
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
     g = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
@@ -127,7 +129,7 @@ def fuse_keras_attention(model) -> tuple[object, int]:
         q = qs.input[1] if qs.input[0] == scale_name else qs.input[0]
         k = tk.input[0]
         # The masked fill: large and negative where the mask is 0 (the additive term is shared by the layers).
-        fill_ok = _is_masked_fill(fill, producer, values, mask_input(mask_name), lambda v: v <= _MASKED_FILL)
+        fill_ok = _is_masked_fill(fill, producer, values, mask_input, mask_input(mask_name), lambda v: v <= _MASKED_FILL)
         if not fill_ok:
             continue
         # After the softmax: Keras's own zeroing of masked keys (optional), then the product with v.
@@ -142,7 +144,7 @@ def fuse_keras_attention(model) -> tuple[object, int]:
                 continue
             pa = pa[0]
             zero = pa.input[1] if pa.input[0] == pm.output[0] else pa.input[0]
-            if not _is_masked_fill(zero, producer, values, mask_input(mask_name), lambda v: v == 0.0):
+            if not _is_masked_fill(zero, producer, values, mask_input, mask_input(mask_name), lambda v: v == 0.0):
                 continue
             chain += [pm, pa]
             probs = pa.output[0]
@@ -193,11 +195,13 @@ def fuse_keras_attention(model) -> tuple[object, int]:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
-    kept = [n for n in g.node if id(n) not in removed]
-    out.graph.node.extend(_topological(kept + new_nodes, {i.name for i in g.input} | set(values) |
-                                       {i.name for i in new_inits}))
+    out.graph.node.extend([n for n in g.node if id(n) not in removed] + new_nodes)
     out.graph.initializer.extend(new_inits)
-    _drop_dead(out.graph)
+    # onnx_ir's passes order the nodes and drop what nothing reads any more (the mask's fill and zeroing).
+    ir_model = ir.from_proto(out)
+    RemoveUnusedNodesPass()(ir_model)
+    TopologicalSortPass()(ir_model)
+    out = ir.to_proto(ir_model)
     # Types for what onnx's shape inference cannot see through a contrib operator (onnxruntime's quantizer asks).
     out.graph.value_info.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None)
                                 for n in new_nodes if n.op_type != "Cast" for o in n.output)
@@ -243,8 +247,9 @@ def _largest_difference(before, after, masks: set[str]) -> float:
     return worst
 
 
-def _is_masked_fill(name, producer, values, key_mask, fill) -> bool:
-    """``name`` is Mul(c, Cast(Not(<the mask, as bool>))) with ``fill(c)`` true: c where the mask is 0."""
+def _is_masked_fill(name, producer, values, mask_of, key_mask, fill) -> bool:
+    """``name`` is Mul(c, Cast(Not(<the mask, as bool>))) with ``fill(c)`` true: c where the mask is 0.
+    ``mask_of(value)`` is the graph input a mask value is made from (None: not a mask)."""
     n = producer.get(name)
     if n is None or n.op_type != "Mul":
         return False
@@ -256,41 +261,4 @@ def _is_masked_fill(name, producer, values, key_mask, fill) -> bool:
     neg = producer.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
     if neg is None or neg.op_type != "Not":
         return False
-    # Not(bool mask): walk the same Unsqueeze / Cast chain back to the same graph input.
-    name, steps = neg.input[0], 0
-    while name in producer and producer[name].op_type in ("Cast", "Unsqueeze") and steps < 8:
-        name, steps = producer[name].input[0], steps + 1
-    return name == key_mask
-
-
-def _topological(nodes, available: set[str]) -> list:
-    """``nodes`` ordered so that each comes after the producers of its inputs (ONNX requires it)."""
-    have, out, pending = set(available) | {""}, [], list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in have for i in n.input):
-                out.append(n)
-                have.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):  # inputs from outside (subgraph captures): keep the remaining order
-            return out + rest
-        pending = rest
-    return out
-
-
-def _drop_dead(graph) -> None:
-    """Remove nodes (and initializers) whose outputs nothing reads any more."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [k for k, n in enumerate(graph.node) if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for k in reversed(dead):
-            del graph.node[k]
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    return mask_of(neg.input[0]) == key_mask  # Not() of the same mask
